@@ -1,0 +1,170 @@
+"""The expiry index of a TTLStore: which entries are due, found without scanning.
+
+Entries written with the store's default TTL get deadlines in non-decreasing order, so a FIFO
+queue holds them at O(1) per deadline. Entries with any other TTL go to a binary heap. Both use
+lazy deletion: removing an entry from the store leaves its item behind as *stale*, skipped when it
+surfaces and dropped wholesale by :meth:`DeadlineIndex.discard` once stale items outnumber live
+ones, so the index never holds more than about twice the indexed entries.
+
+Each live entry with a finite deadline has exactly one item, filed under ``entry.filed``, and
+``entry.filed <= entry.deadline`` always holds. A deadline may therefore move later in place (a
+sliding read, an overwrite with a later deadline) at O(1): the item surfaces early and is re-filed
+then. A deadline that moves earlier needs a new entry object and a new item.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, Generic, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+INF = float("inf")
+
+# Stale items tolerated beyond the live count before a rebuild, so that tiny stores do not
+# rebuild on every delete.
+_COMPACT_SLACK = 32
+
+# Once this many items were popped one by one in a single unbounded sweep, filtering the rest of
+# the heap in one pass and re-heapifying is cheaper than going on popping (heappop costs
+# O(log n) Python-level comparisons; the filter is one C-speed pass).
+_BULK_MIN = 64
+
+
+class Entry(Generic[K, V]):
+    """One stored item: the only per-entry object a store allocates."""
+
+    __slots__ = ("deadline", "filed", "key", "ttl", "value")
+
+    def __init__(self, key: K, value: V, deadline: float, ttl: float | None) -> None:
+        self.key = key
+        self.value = value
+        self.deadline = deadline
+        # The deadline under which this entry's index item is filed; None while not indexed.
+        self.filed: float | None = None
+        # The entry's own TTL, which a sliding read or a touch() renews.
+        self.ttl = ttl
+
+
+class DeadlineIndex(Generic[K, V]):
+    """FIFO + binary heap of entry deadlines, with lazy deletion and compaction.
+
+    Filing is O(1) for entries with the default TTL and O(log n) otherwise; reclaiming k due
+    entries is O(k) for FIFO entries and O(k log n) for heap entries. Memory is at most about
+    twice the number of indexed entries, plus a small constant.
+    """
+
+    __slots__ = ("_default_ttl", "_fifo", "_heap", "stale")
+
+    def __init__(self, default_ttl: float | None) -> None:
+        self._default_ttl = default_ttl
+        self._fifo: deque[Entry[K, V]] = deque()
+        self._heap: list[tuple[float, int, Entry[K, V]]] = []
+        self.stale = 0
+
+    def __len__(self) -> int:
+        """Number of items held, stale ones included. O(1)."""
+        return len(self._fifo) + len(self._heap)
+
+    def file(self, entry: Entry[K, V]) -> None:
+        """Index ``entry`` under its current (finite) deadline. O(1) FIFO, O(log n) heap."""
+        deadline = entry.deadline
+        entry.filed = deadline
+        fifo = self._fifo
+        # The FIFO only stays sorted for default-TTL deadlines; a longer per-entry TTL at its
+        # back would push every later default-TTL entry onto the heap.
+        if entry.ttl == self._default_ttl and (not fifo or fifo[-1].filed <= deadline):  # type: ignore[operator]
+            fifo.append(entry)
+        else:
+            # id() breaks ties without comparing entries; it is unique because the tuple keeps
+            # its entry alive.
+            heapq.heappush(self._heap, (deadline, id(entry), entry))
+
+    def discard(self, data: Mapping[K, Entry[K, V]]) -> None:
+        """Record that one indexed entry left ``data``; rebuild if stale items dominate.
+
+        Amortized O(1): a rebuild costs O(n) and follows at least n/2 discards.
+        """
+        self.stale += 1
+        if 2 * self.stale > len(self._fifo) + len(self._heap) + _COMPACT_SLACK:
+            self._compact(data)
+
+    def clear(self) -> None:
+        """Forget every item. O(n)."""
+        self._fifo.clear()
+        self._heap.clear()
+        self.stale = 0
+
+    def pop_due(
+        self, now: float, limit: int | None, data: Mapping[K, Entry[K, V]]
+    ) -> list[Entry[K, V]]:
+        """Remove and return up to ``limit`` live entries of ``data`` due at ``now``.
+
+        The caller deletes them from ``data``. Stale items met on the way are dropped and do not
+        count. O(k) for FIFO entries, O(k log n) for heap entries.
+        """
+        due: list[Entry[K, V]] = []
+        budget = INF if limit is None else limit
+        fifo = self._fifo
+        while fifo and len(due) < budget:
+            entry = fifo[0]
+            if entry.filed > now:  # type: ignore[operator]
+                break
+            fifo.popleft()
+            self._settle(entry, now, data, due)
+        heap = self._heap
+        popped = 0
+        while heap and heap[0][0] <= now and len(due) < budget:
+            if limit is None and popped >= _BULK_MIN and popped * 8 >= len(heap):
+                self._pop_due_bulk(now, data, due)
+                break
+            entry = heapq.heappop(heap)[2]
+            popped += 1
+            self._settle(entry, now, data, due)
+        return due
+
+    def _settle(
+        self,
+        entry: Entry[K, V],
+        now: float,
+        data: Mapping[K, Entry[K, V]],
+        due: list[Entry[K, V]],
+    ) -> None:
+        """Decide the fate of an item just taken off the index."""
+        if data.get(entry.key) is not entry:
+            self.stale -= 1
+        elif entry.deadline <= now:
+            entry.filed = None
+            due.append(entry)
+        elif entry.deadline == INF:
+            # Overwritten in place with no expiry: nothing left to index.
+            entry.filed = None
+        else:
+            # Its deadline moved later in place since it was filed.
+            self.file(entry)
+
+    def _pop_due_bulk(
+        self, now: float, data: Mapping[K, Entry[K, V]], due: list[Entry[K, V]]
+    ) -> None:
+        """Take every due heap item in one pass and re-heapify the rest. O(n)."""
+        heap = self._heap
+        ripe = [item for item in heap if item[0] <= now]
+        heap[:] = [item for item in heap if item[0] > now]
+        heapq.heapify(heap)
+        ripe.sort()
+        for item in ripe:
+            self._settle(item[2], now, data, due)
+
+    def _compact(self, data: Mapping[K, Entry[K, V]]) -> None:
+        """Drop every stale item. O(n)."""
+        self._fifo = deque(e for e in self._fifo if data.get(e.key) is e)
+        self._heap = [item for item in self._heap if data.get(item[2].key) is item[2]]
+        heapq.heapify(self._heap)
+        self.stale = 0
+
+    def debug_items(self) -> list[Any]:
+        """Every item currently held (for tests and diagnostics). O(n)."""
+        return [*self._fifo, *(item[2] for item in self._heap)]
