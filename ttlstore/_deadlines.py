@@ -83,11 +83,23 @@ class DeadlineIndex(Generic[K, V]):
             # its entry alive.
             heapq.heappush(self._heap, (deadline, id(entry), entry))
 
-    def discard(self, data: Mapping[K, Entry[K, V]]) -> None:
-        """Record that one indexed entry left ``data``; rebuild if stale items dominate.
+    def due(self, now: float) -> bool:
+        """Whether any item is filed at or before ``now``. O(1)."""
+        fifo = self._fifo
+        heap = self._heap
+        return bool((fifo and fifo[0].filed <= now) or (heap and heap[0][0] <= now))  # type: ignore[operator]
+
+    def discard(self, entry: Entry[K, V], data: Mapping[K, Entry[K, V]]) -> None:
+        """Record that indexed ``entry`` left ``data``; rebuild if stale items dominate.
 
         Amortized O(1): a rebuild costs O(n) and follows at least n/2 discards.
         """
+        fifo = self._fifo
+        if fifo and fifo[0] is entry:
+            # Evicting the LRU entry of a store that is written more than read hits the
+            # FIFO's head: drop it now rather than leave it stale.
+            fifo.popleft()
+            return
         self.stale += 1
         if 2 * self.stale > len(self._fifo) + len(self._heap) + _COMPACT_SLACK:
             self._compact(data)

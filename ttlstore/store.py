@@ -274,11 +274,15 @@ class TTLStore(MutableMapping[K, V]):
         are evicted. O(1) amortized with the default TTL, O(log n) with another TTL.
         """
         ttl = self._ttl if ttl is UNSET else _check_ttl("ttl", ttl)
-        self._run(self._set, key, value, ttl, self._weigh(key, value), False)
+        weight = 0 if self._weigher is None else self._weigh(key, value)
+        # Called directly rather than through _run(): this is a hot path.
+        self._set(key, value, ttl, weight, False)
+        if self._pending:
+            self._flush()
 
     def __setitem__(self, key: K, value: V) -> None:
         """Store ``value`` under ``key`` with the default TTL, as :meth:`set` does."""
-        self._run(self._set, key, value, self._ttl, self._weigh(key, value), False)
+        self.set(key, value)
 
     def add(self, key: K, value: V, ttl: float | _Unset | None = UNSET) -> bool:
         """Store ``value`` only if ``key`` holds no live entry; return whether it did.
@@ -491,7 +495,7 @@ class TTLStore(MutableMapping[K, V]):
     def _removed(self, entry: Entry[K, V], cause: RemovalCause) -> None:
         """Account for ``entry`` having just left ``_data``."""
         if entry.filed is not None:
-            self._index.discard(self._data)
+            self._index.discard(entry, self._data)
         if self._weigher is not None:
             self._weight -= self._weighed.pop(entry.key)
         if cause is RemovalCause.EXPIRED:
@@ -517,15 +521,13 @@ class TTLStore(MutableMapping[K, V]):
             self._removed(entry, RemovalCause.EXPIRED)
         return len(due)
 
-    def _make_room(self, now: float, weight: float) -> None:
-        """Reclaim due entries, then evict LRU ones, until one more entry of ``weight`` fits."""
-        data = self._data
-        if len(data) >= self._maxsize:
+    def _evict_for_one(self, now: float) -> None:
+        """Make room for one more entry in a full store: due entries first, then LRU ones."""
+        if self._index.due(now):
             self._expire(None, now)
-            while len(data) >= self._maxsize:
-                self._removed(data.popitem(last=False)[1], RemovalCause.EVICTED)
-        if self._weigher is not None:
-            self._shed_weight(now, weight)
+        data = self._data
+        while len(data) >= self._maxsize:
+            self._removed(data.popitem(last=False)[1], RemovalCause.EVICTED)
 
     def _shed_weight(self, now: float, weight: float) -> None:
         """Reclaim due entries, then evict LRU ones, until ``weight`` more fits the bound.
@@ -536,7 +538,8 @@ class TTLStore(MutableMapping[K, V]):
         maxweight: float = self._maxweight  # type: ignore[assignment]
         if self._weight + weight <= maxweight:
             return
-        self._expire(None, now)
+        if self._index.due(now):
+            self._expire(None, now)
         data = self._data
         while self._weight + weight > maxweight:
             if not data:
@@ -549,14 +552,15 @@ class TTLStore(MutableMapping[K, V]):
         now = self._clock()
         deadline = INF if ttl is None else now + ttl
         entry = data.get(key)
-        if entry is not None and entry.deadline <= now:
-            del data[key]
-            self._removed(entry, RemovalCause.EXPIRED)
-            entry = None
-        if entry is None:
-            self._make_room(now, weight)
-            entry = Entry(key, value, deadline, ttl)
-            data[key] = entry
+        if entry is None or entry.deadline <= now:
+            if entry is not None:
+                del data[key]
+                self._removed(entry, RemovalCause.EXPIRED)
+            if len(data) >= self._maxsize:
+                self._evict_for_one(now)
+            if self._weigher is not None:
+                self._shed_weight(now, weight)
+            entry = data[key] = Entry(key, value, deadline, ttl)
             if deadline != INF:
                 self._index.file(entry)
         elif only_new:
@@ -580,9 +584,8 @@ class TTLStore(MutableMapping[K, V]):
                 old = entry
                 entry = Entry(key, value, deadline, ttl)
                 data[key] = entry
-                self._index.discard(data)
+                self._index.discard(old, data)
                 self._index.file(entry)
-                del old
             self._replacements += 1
             if self._on_remove is not None:
                 self._pending.append((key, old_value, RemovalCause.REPLACED))
@@ -650,7 +653,7 @@ class TTLStore(MutableMapping[K, V]):
         else:
             fresh = Entry(key, entry.value, deadline, entry.ttl)
             self._data[key] = fresh
-            self._index.discard(self._data)
+            self._index.discard(entry, self._data)
             self._index.file(fresh)
         return True
 
@@ -758,10 +761,37 @@ class _LockedTTLStore(TTLStore[K, V]):
                 self._flush()
 
     def __getitem__(self, key: K) -> V:
-        value = self.get(key, _MISSING)
-        if value is _MISSING:
+        lock = self._lock
+        lock.acquire()
+        try:
+            entry = self._data.get(key)
+            if entry is not None:
+                now = self._clock()
+                if entry.deadline > now:
+                    self._data.move_to_end(key)
+                    self._hits += 1
+                    if self._sliding and entry.ttl is not None:
+                        entry.deadline = now + entry.ttl
+                    return entry.value
+                self._drop_expired(entry)
+            self._misses += 1
             raise KeyError(key)
-        return value  # type: ignore[return-value]
+        finally:
+            lock.release()
+            if self._pending:
+                self._flush()
+
+    def set(self, key: K, value: V, ttl: float | _Unset | None = UNSET) -> None:
+        ttl = self._ttl if ttl is UNSET else _check_ttl("ttl", ttl)
+        weight = 0 if self._weigher is None else self._weigh(key, value)
+        lock = self._lock
+        lock.acquire()
+        try:
+            self._set(key, value, ttl, weight, False)
+        finally:
+            lock.release()
+            if self._pending:
+                self._flush()
 
     def __contains__(self, key: object) -> bool:
         lock = self._lock
