@@ -411,6 +411,11 @@ class TTLStore(MutableMapping[K, V]):
         return self._maxsize
 
     @property
+    def threadsafe(self) -> bool:
+        """Whether every public method runs under the store's lock."""
+        return self._lock_or_none() is not None
+
+    @property
     def default_ttl(self) -> float | None:
         """The TTL of entries written without one, ``None`` for no expiry."""
         return self._ttl
@@ -444,7 +449,7 @@ class TTLStore(MutableMapping[K, V]):
         ttl = "None" if self._ttl is None else f"{self._ttl:g}"
         return (
             f"<TTLStore stored={len(self._data)} maxsize={self._maxsize} ttl={ttl} "
-            f"sliding={self._sliding} threadsafe={self._lock_or_none() is not None}>"
+            f"sliding={self._sliding} threadsafe={self.threadsafe}>"
         )
 
     # ------------------------------------------------------------------ plumbing
