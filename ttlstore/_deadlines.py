@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, Generic, TypeVar
 
 K = TypeVar("K")
@@ -57,23 +57,25 @@ class DeadlineIndex(Generic[K, V]):
     twice the number of indexed entries, plus a small constant.
     """
 
-    __slots__ = ("_default_ttl", "_fifo", "_heap", "stale")
+    __slots__ = ("_default_ttl", "fifo", "heap", "stale")
 
     def __init__(self, default_ttl: float | None) -> None:
         self._default_ttl = default_ttl
-        self._fifo: deque[Entry[K, V]] = deque()
-        self._heap: list[tuple[float, int, Entry[K, V]]] = []
+        # Public for the store's write path, which checks the FIFO's head inline. Both are
+        # only ever changed in place, so a reference taken by the store stays valid.
+        self.fifo: deque[Entry[K, V]] = deque()
+        self.heap: list[tuple[float, int, Entry[K, V]]] = []
         self.stale = 0
 
     def __len__(self) -> int:
         """Number of items held, stale ones included. O(1)."""
-        return len(self._fifo) + len(self._heap)
+        return len(self.fifo) + len(self.heap)
 
     def file(self, entry: Entry[K, V]) -> None:
         """Index ``entry`` under its current (finite) deadline. O(1) FIFO, O(log n) heap."""
         deadline = entry.deadline
         entry.filed = deadline
-        fifo = self._fifo
+        fifo = self.fifo
         # The FIFO only stays sorted for default-TTL deadlines; a longer per-entry TTL at its
         # back would push every later default-TTL entry onto the heap.
         if entry.ttl == self._default_ttl and (not fifo or fifo[-1].filed <= deadline):  # type: ignore[operator]
@@ -81,12 +83,12 @@ class DeadlineIndex(Generic[K, V]):
         else:
             # id() breaks ties without comparing entries; it is unique because the tuple keeps
             # its entry alive.
-            heapq.heappush(self._heap, (deadline, id(entry), entry))
+            heapq.heappush(self.heap, (deadline, id(entry), entry))
 
     def due(self, now: float) -> bool:
         """Whether any item is filed at or before ``now``. O(1)."""
-        fifo = self._fifo
-        heap = self._heap
+        fifo = self.fifo
+        heap = self.heap
         return bool((fifo and fifo[0].filed <= now) or (heap and heap[0][0] <= now))  # type: ignore[operator]
 
     def discard(self, entry: Entry[K, V], data: Mapping[K, Entry[K, V]]) -> None:
@@ -94,40 +96,51 @@ class DeadlineIndex(Generic[K, V]):
 
         Amortized O(1): a rebuild costs O(n) and follows at least n/2 discards.
         """
-        fifo = self._fifo
+        fifo = self.fifo
         if fifo and fifo[0] is entry:
             # Evicting the LRU entry of a store that is written more than read hits the
             # FIFO's head: drop it now rather than leave it stale.
             fifo.popleft()
             return
         self.stale += 1
-        if 2 * self.stale > len(self._fifo) + len(self._heap) + _COMPACT_SLACK:
+        if 2 * self.stale > len(self.fifo) + len(self.heap) + _COMPACT_SLACK:
             self._compact(data)
 
     def clear(self) -> None:
         """Forget every item. O(n)."""
-        self._fifo.clear()
-        self._heap.clear()
+        self.fifo.clear()
+        self.heap.clear()
         self.stale = 0
 
     def pop_due(
-        self, now: float, limit: int | None, data: Mapping[K, Entry[K, V]]
+        self, now: float, limit: int | None, data: MutableMapping[K, Entry[K, V]]
     ) -> list[Entry[K, V]]:
-        """Remove and return up to ``limit`` live entries of ``data`` due at ``now``.
+        """Delete from ``data`` and return up to ``limit`` live entries due at ``now``.
 
-        The caller deletes them from ``data``. Stale items met on the way are dropped and do not
-        count. O(k) for FIFO entries, O(k log n) for heap entries.
+        Stale items met on the way are dropped and do not count. O(k) for FIFO entries,
+        O(k log n) for heap entries.
         """
         due: list[Entry[K, V]] = []
-        budget = INF if limit is None else limit
-        fifo = self._fifo
-        while fifo and len(due) < budget:
+        take = due.append
+        budget = len(self) if limit is None else limit
+        fifo = self.fifo
+        # The FIFO loop is _settle() written out: this is the per-entry cost of a sweep.
+        while fifo:
             entry = fifo[0]
             if entry.filed > now:  # type: ignore[operator]
                 break
             fifo.popleft()
-            self._settle(entry, now, data, due)
-        heap = self._heap
+            key = entry.key
+            if data.get(key) is not entry:
+                self.stale -= 1
+            elif entry.deadline <= now:
+                del data[key]
+                take(entry)
+                if len(due) >= budget:
+                    return due
+            else:
+                self._refile(entry)
+        heap = self.heap
         popped = 0
         while heap and heap[0][0] <= now and len(due) < budget:
             if limit is None and popped >= _BULK_MIN and popped * 8 >= len(heap):
@@ -142,27 +155,30 @@ class DeadlineIndex(Generic[K, V]):
         self,
         entry: Entry[K, V],
         now: float,
-        data: Mapping[K, Entry[K, V]],
+        data: MutableMapping[K, Entry[K, V]],
         due: list[Entry[K, V]],
     ) -> None:
         """Decide the fate of an item just taken off the index."""
         if data.get(entry.key) is not entry:
             self.stale -= 1
         elif entry.deadline <= now:
-            entry.filed = None
+            del data[entry.key]
             due.append(entry)
-        elif entry.deadline == INF:
-            # Overwritten in place with no expiry: nothing left to index.
-            entry.filed = None
         else:
-            # Its deadline moved later in place since it was filed.
+            self._refile(entry)
+
+    def _refile(self, entry: Entry[K, V]) -> None:
+        """File again a live entry whose deadline moved later since it was filed."""
+        if entry.deadline == INF:
+            entry.filed = None  # overwritten in place with no expiry: nothing to index
+        else:
             self.file(entry)
 
     def _pop_due_bulk(
-        self, now: float, data: Mapping[K, Entry[K, V]], due: list[Entry[K, V]]
+        self, now: float, data: MutableMapping[K, Entry[K, V]], due: list[Entry[K, V]]
     ) -> None:
         """Take every due heap item in one pass and re-heapify the rest. O(n)."""
-        heap = self._heap
+        heap = self.heap
         ripe = [item for item in heap if item[0] <= now]
         heap[:] = [item for item in heap if item[0] > now]
         heapq.heapify(heap)
@@ -172,11 +188,13 @@ class DeadlineIndex(Generic[K, V]):
 
     def _compact(self, data: Mapping[K, Entry[K, V]]) -> None:
         """Drop every stale item. O(n)."""
-        self._fifo = deque(e for e in self._fifo if data.get(e.key) is e)
-        self._heap = [item for item in self._heap if data.get(item[2].key) is item[2]]
-        heapq.heapify(self._heap)
+        live = [e for e in self.fifo if data.get(e.key) is e]
+        self.fifo.clear()
+        self.fifo.extend(live)
+        self.heap[:] = [item for item in self.heap if data.get(item[2].key) is item[2]]
+        heapq.heapify(self.heap)
         self.stale = 0
 
     def debug_items(self) -> list[Any]:
         """Every item currently held (for tests and diagnostics). O(n)."""
-        return [*self._fifo, *(item[2] for item in self._heap)]
+        return [*self.fifo, *(item[2] for item in self.heap)]

@@ -282,7 +282,10 @@ class TTLStore(MutableMapping[K, V]):
 
     def __setitem__(self, key: K, value: V) -> None:
         """Store ``value`` under ``key`` with the default TTL, as :meth:`set` does."""
-        self.set(key, value)
+        weight = 0 if self._weigher is None else self._weigh(key, value)
+        self._set(key, value, self._ttl, weight, False)
+        if self._pending:
+            self._flush()
 
     def add(self, key: K, value: V, ttl: float | _Unset | None = UNSET) -> bool:
         """Store ``value`` only if ``key`` holds no live entry; return whether it did.
@@ -520,19 +523,41 @@ class TTLStore(MutableMapping[K, V]):
 
     def _expire(self, limit: int | None, now: float | None = None) -> int:
         due = self._index.pop_due(self._clock() if now is None else now, limit, self._data)
-        data = self._data
-        for entry in due:
-            del data[entry.key]
-            self._removed(entry, RemovalCause.EXPIRED)
+        if due:
+            # The index already deleted them from _data; account for them in bulk.
+            self._expirations += len(due)
+            if self._weigher is not None:
+                for entry in due:
+                    self._weight -= self._weighed.pop(entry.key)
+            if self._on_remove is not None:
+                expired = RemovalCause.EXPIRED
+                self._pending.extend((entry.key, entry.value, expired) for entry in due)
         return len(due)
 
     def _evict_for_one(self, now: float) -> None:
-        """Make room for one more entry in a full store: due entries first, then LRU ones."""
-        if self._index.due(now):
+        """Make room for one more entry in a full store: due entries first, then LRU ones.
+
+        Runs on every write of a new key to a full store, so the index checks and
+        :meth:`_removed` are written out here rather than called.
+        """
+        index = self._index
+        fifo = index.fifo
+        heap = index.heap
+        if (fifo and fifo[0].filed <= now) or (heap and heap[0][0] <= now):  # type: ignore[operator]
             self._expire(None, now)
         data = self._data
         while len(data) >= self._maxsize:
-            self._removed(data.popitem(last=False)[1], RemovalCause.EVICTED)
+            entry = data.popitem(last=False)[1]
+            if entry.filed is not None:
+                if fifo and fifo[0] is entry:
+                    fifo.popleft()  # the common case: LRU and FIFO heads coincide
+                else:
+                    index.discard(entry, data)
+            self._evictions += 1
+            if self._weigher is not None:
+                self._weight -= self._weighed.pop(entry.key)
+            if self._on_remove is not None:
+                self._pending.append((entry.key, entry.value, RemovalCause.EVICTED))
 
     def _shed_weight(self, now: float, weight: float) -> None:
         """Reclaim due entries, then evict LRU ones, until ``weight`` more fits the bound.
@@ -567,7 +592,13 @@ class TTLStore(MutableMapping[K, V]):
                 self._shed_weight(now, weight)
             entry = data[key] = Entry(key, value, deadline, ttl)
             if deadline != INF:
-                self._index.file(entry)
+                fifo = self._index.fifo
+                if ttl == self._ttl and (not fifo or fifo[-1].filed <= deadline):  # type: ignore[operator]
+                    # DeadlineIndex.file() written out for its common case.
+                    entry.filed = deadline
+                    fifo.append(entry)
+                else:
+                    self._index.file(entry)
         elif only_new:
             return False
         else:
@@ -781,6 +812,17 @@ class _LockedTTLStore(TTLStore[K, V]):
                 self._drop_expired(entry)
             self._misses += 1
             raise KeyError(key)
+        finally:
+            lock.release()
+            if self._pending:
+                self._flush()
+
+    def __setitem__(self, key: K, value: V) -> None:
+        weight = 0 if self._weigher is None else self._weigh(key, value)
+        lock = self._lock
+        lock.acquire()
+        try:
+            self._set(key, value, self._ttl, weight, False)
         finally:
             lock.release()
             if self._pending:
