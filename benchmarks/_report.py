@@ -1,0 +1,305 @@
+"""Output of ``python -m benchmarks.compare``: Markdown tables, the JSON file, the PNG plot.
+
+Everything here reads the JSON-ready report dict built by :func:`benchmarks.compare.run`, so the
+tables and the plot can be rebuilt from ``latest.json`` alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+Report = dict[str, Any]
+
+FIFO_MARK = "†"
+REFERENCE_MARK = "‡"
+
+
+def _ns(value: float) -> str:
+    if value < 10:
+        return f"{value:.1f}"
+    return f"{value:,.0f}"
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    if value is None or not base:
+        return "—"
+    ratio = value / base
+    if ratio < 10:
+        return f"{ratio:.2f}x"
+    if ratio < 100:
+        return f"{ratio:.1f}x"
+    return f"{ratio:,.0f}x"
+
+
+def _size(n: int) -> str:
+    return f"{n:,}".replace(",", " ")
+
+
+def _label(lib: dict[str, Any]) -> str:
+    label = f"`{lib['name']}`"
+    if lib["reference"]:
+        label += f" {REFERENCE_MARK}"
+    elif not lib["read_refreshes"]:
+        label += f" {FIFO_MARK}"
+    return label
+
+
+def _cell(cell: dict[str, Any] | None) -> str:
+    if cell is None:
+        return "—"
+    if cell["status"] == "ok":
+        return f"{_ns(cell['median'])} ({_ns(cell['min'])}-{_ns(cell['max'])})"
+    return {"missing": "missing", "skipped": "skip", "error": "error"}[cell["status"]]
+
+
+def _table(header: list[str], align: list[str], rows: Iterable[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines.extend("| " + " | ".join(row) + " |" for row in rows)
+    return lines
+
+
+def markdown(report: Report) -> str:
+    meta = report["meta"]
+    libs = report["libraries"]
+    base = report["baseline"]
+    sizes: list[int] = meta["sizes"]
+    cells = {(c["workload"], c["library"], c["n"]): c for c in report["results"]}
+    overhead: dict[str, float] = meta["loop_overhead_ns"]
+    out: list[str] = [
+        "# ttlstore against its peers",
+        "",
+        f"`{meta['command']}` on {meta['date']} · {meta['platform']} · "
+        f"{meta['cpu_count']} CPUs · {meta['python_implementation']} {meta['python_version']} · "
+        f"ran {meta['duration_s']:.0f} s.",
+        "",
+        f"Each cell: median ns/op over {meta['repeats']} repeats interleaved across libraries "
+        "(min-max in brackets). "
+        f"**vs {base}**: that median divided by `{base}`'s at the same n (above 1x: slower "
+        f"than {base}). The timing loop itself costs about "
+        + ", ".join(f"{_ns(v)} ns (n = {_size(int(n))})" for n, v in overhead.items())
+        + " per op, included in every figure.",
+        "",
+        "## Libraries",
+        "",
+    ]
+    lib_rows = []
+    for lib in libs:
+        status = "ok" if lib["status"] == "ok" else f"**missing**: {lib['error']}"
+        lib_rows.append(
+            [
+                _label(lib),
+                lib["version"] or "—",
+                lib["policy"],
+                "yes" if lib["read_refreshes"] else "**no**",
+                "yes" if lib["threadsafe"] else "no",
+                "yes" if lib["injectable_clock"] else "no",
+                status,
+            ]
+        )
+    out += _table(
+        ["library", "version", "eviction", "read refreshes", "thread-safe", "clock", "status"],
+        ["---", "---", "---", "---", "---", "---", "---"],
+        lib_rows,
+    )
+    out += [
+        "",
+        f"{FIFO_MARK} a read does not refresh recency (FIFO-like eviction): cheaper reads, a "
+        f"weaker policy. {REFERENCE_MARK} reference point, not a store: `dict` has no bound and "
+        "no expiry; the inline floor is an `OrderedDict` + `move_to_end` + one "
+        "`time.monotonic()` per call, written in the loop itself.",
+    ]
+    out += _targets_table(report.get("targets") or [])
+    for workload in report["workloads"]:
+        name = workload["name"]
+        out += ["", f"## {name}: {workload['title']}", ""]
+        header = ["library"]
+        for n in sizes:
+            header += [f"n = {_size(n)}", f"vs {base}"]
+        rows = []
+        skipped: dict[str, str] = {}
+        for lib in libs:
+            row = [_label(lib)]
+            for n in sizes:
+                cell = cells.get((name, lib["name"], n))
+                base_cell = cells.get((name, base, n))
+                row.append(_cell(cell))
+                ok = cell is not None and cell["status"] == "ok"
+                base_ok = base_cell is not None and base_cell["status"] == "ok"
+                row.append(
+                    _ratio(cell["median"], base_cell["median"])
+                    if ok and base_ok and cell is not None and base_cell is not None
+                    else "—"
+                )
+                if cell is not None and cell["status"] in ("skipped", "error"):
+                    skipped.setdefault(lib["name"], f"{cell['status']}: {cell['reason']}")
+            rows.append(row)
+        out += _table(header, ["---"] + ["---:"] * (2 * len(sizes)), rows)
+        if skipped:
+            out += ["", "Not run: " + "; ".join(f"`{k}` ({v})" for k, v in skipped.items()) + "."]
+    memory = report.get("memory")
+    if memory:
+        out += _memory_table(memory, libs, base)
+    notes = [(lib["name"], note) for lib in libs for note in lib["notes"]]
+    if notes:
+        out += ["", "## Notes on the peers", ""]
+        out += [f"- `{name}`: {note}" for name, note in notes]
+    missing = [lib["name"] for lib in libs if lib["status"] != "ok"]
+    if missing:
+        out += ["", "Missing (failed to import): " + ", ".join(f"`{m}`" for m in missing) + "."]
+    return "\n".join(out) + "\n"
+
+
+def _targets_table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    out = [
+        "",
+        "## Targets of issue 4",
+        "",
+        "Ratio = subject's median / peer's median in this run (worst case over the target's "
+        "workloads and peers); met when at most the limit.",
+        "",
+    ]
+    out += _table(
+        ["target", "subject", "n", "ratio (where)", "limit", "met"],
+        ["---", "---", "---:", "---", "---:", "---"],
+        (
+            [
+                row["target"],
+                f"`{row['subject']}`",
+                _size(row["n"]),
+                f"{row['ratio']:.2f}x ({row['workload']} vs `{row['peer']}`)",
+                f"{row['limit']:.2f}x",
+                "yes" if row["met"] else "**no**",
+            ]
+            for row in rows
+        ),
+    )
+    return out
+
+
+def _memory_table(memory: dict[str, Any], libs: list[dict[str, Any]], base: str) -> list[str]:
+    rows_by_lib = {m["library"]: m for m in memory["results"]}
+    base_row = rows_by_lib.get(base) or {}
+    out = [
+        "",
+        f"## Memory per entry (n = {_size(memory['n'])}, str keys, small int values)",
+        "",
+        "**traced**: bytes tracemalloc sees allocated while one store is filled (keys allocated "
+        "before). **RSS**: resident-set growth while a fresh process fills the same store "
+        "(allocator overhead included, native memory included).",
+        "",
+    ]
+    rows = []
+    for lib in libs:
+        row = rows_by_lib.get(lib["name"])
+        if row is None:
+            continue
+        if row["status"] != "ok":
+            rows.append([_label(lib), f"{row['status']}: {row['reason']}", "—", "—", "—"])
+            continue
+        traced = f"{row['bytes_per_entry']:.0f}" + (" *" if lib["native"] else "")
+        rss = row["rss_bytes_per_entry"]
+        if rss is not None:
+            rss_text = f"{rss:.0f}"
+        elif row["rss_error"]:
+            rss_text = "error"
+        else:
+            rss_text = "—"
+        rows.append(
+            [
+                _label(lib),
+                traced,
+                _ratio(row["bytes_per_entry"], base_row.get("bytes_per_entry")),
+                rss_text,
+                _ratio(rss, base_row.get("rss_bytes_per_entry")),
+            ]
+        )
+    out += _table(
+        ["library", "traced B/entry", f"vs {base}", "RSS B/entry", f"vs {base}"],
+        ["---", "---:", "---:", "---:", "---:"],
+        rows,
+    )
+    out += [
+        "",
+        "\\* part of the store lives in native (Rust) memory, which tracemalloc does not see: "
+        "a lower bound; the RSS column sees it.",
+    ]
+    errors = [f"`{r['library']}`: {r['rss_error']}" for r in memory["results"] if r["rss_error"]]
+    if errors:
+        out += ["", "RSS not measured: " + "; ".join(errors) + "."]
+    return out
+
+
+def write_json(report: Report, path: Path) -> None:
+    path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+
+
+def plot(report: Report, path: Path) -> str:
+    """Draw ns/op against n for the plotted workloads; return a message saying what happened."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot (pip install 'ttlstore[bench]')"
+    meta = report["meta"]
+    workloads = [w for w in report["workloads"] if w["plotted"]]
+    libs = report["libraries"]
+    cells = {(c["workload"], c["library"], c["n"]): c for c in report["results"]}
+    cols = 3
+    rows = (len(workloads) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False)
+    # One hue per package (tab20 pairs a dark and a light shade): variants share the hue.
+    cmap = plt.get_cmap("tab20")
+    families: dict[str, list[str]] = {}
+    for lib in libs:
+        families.setdefault(lib["module"], []).append(lib["name"])
+    colors = {}
+    for family_index, names in enumerate(families.values()):
+        for shade, name in enumerate(names):
+            colors[name] = cmap((2 * family_index + min(shade, 1)) % 20)
+    handles: dict[str, Any] = {}
+    for ax, workload in zip(axes.flat, workloads, strict=False):
+        for lib in libs:
+            points = [
+                (n, cells[(workload["name"], lib["name"], n)]["median"])
+                for n in meta["sizes"]
+                if cells.get((workload["name"], lib["name"], n), {}).get("status") == "ok"
+            ]
+            if not points:
+                continue
+            is_ours = lib["name"].startswith("ttlstore")
+            (line,) = ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                marker="o",
+                linewidth=2.8 if is_ours else 1.2,
+                linestyle=":" if lib["reference"] else "-",
+                color=colors[lib["name"]],
+                label=lib["name"],
+            )
+            handles.setdefault(lib["name"], line)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(workload["name"])
+        ax.set_xlabel("n (entries)")
+        ax.set_ylabel("ns/op (median)")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes.flat)[len(workloads) :]:
+        ax.set_visible(False)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize="small")
+    fig.suptitle(
+        f"ttlstore vs peers · {meta['platform']} · {meta['cpu_count']} CPUs · "
+        f"{meta['python_implementation']} {meta['python_version']} · {meta['date']}",
+        fontsize="medium",
+    )
+    legend_rows = (len(handles) + 3) // 4
+    fig.tight_layout(rect=(0, 0.035 * legend_rows + 0.02, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"wrote {path}"
