@@ -1,0 +1,96 @@
+"""A FastAPI service with the seed service's idempotency setup, built on ttlstore.
+
+Records are kept 1 h, at most 5 000 (least recently used evicted first), and an
+:class:`~ttlstore.sweeper.AsyncSweeper` started from the lifespan reclaims expired records and
+abandoned claims every 60 s, so memory is returned even for keys nobody retries. Every POST and
+PATCH carrying an ``Idempotency-Key`` runs at most once per key and API key.
+
+Run it with ``uvicorn examples.service:app``, then::
+
+    curl -X POST localhost:8000/orders -H 'X-API-Key: k1' -H 'Idempotency-Key: "o-1"' \\
+         -H 'Content-Type: application/json' -d '{"item": "book", "quantity": 1}'
+
+Repeat the command: the same order comes back with ``Idempotent-Replayed: true``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel
+from starlette.types import Scope
+
+from ttlstore.asgi import IdempotencyMiddleware
+from ttlstore.idempotency import IdempotencyStore
+from ttlstore.sweeper import AsyncSweeper
+
+RECORD_TTL = 3600.0  # seconds a response is replayable: 1 h
+MAX_RECORDS = 5000
+SWEEP_INTERVAL = 60.0
+
+
+class OrderIn(BaseModel):
+    item: str
+    quantity: int = 1
+
+
+class Order(OrderIn):
+    id: int
+
+
+def api_key_scope(scope: Scope) -> str:
+    """The client's API key: one client can never be answered with another's stored order.
+
+    Requests without one share a namespace; a real service would have refused them already.
+    """
+    headers: dict[bytes, bytes] = dict(scope["headers"])  # names are lower-case bytes
+    return headers.get(b"x-api-key", b"").decode("latin-1")
+
+
+def create_app(
+    store: IdempotencyStore | None = None,
+    *,
+    sweep_interval: float = SWEEP_INTERVAL,
+    scope: Callable[[Scope], str] = api_key_scope,
+) -> FastAPI:
+    """Build the service; tests pass a store on a fake clock and a short sweep interval."""
+    if store is None:
+        store = IdempotencyStore(ttl=RECORD_TTL, maxsize=MAX_RECORDS)
+    sweeper = AsyncSweeper(*store.stores, interval=sweep_interval)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with sweeper:  # started with the app, stopped (promptly) with it
+            yield
+
+    app = FastAPI(title="orders", lifespan=lifespan)
+    app.state.idempotency = store
+    app.state.sweeper = sweeper
+    app.add_middleware(IdempotencyMiddleware, store=store, scope=scope)
+
+    orders: dict[int, Order] = {}
+    ids = itertools.count(1)
+
+    @app.post("/orders", status_code=201)
+    async def create_order(order: OrderIn) -> Order:
+        created = Order(id=next(ids), **order.model_dump())
+        orders[created.id] = created
+        return created
+
+    @app.get("/orders/{order_id}")
+    async def read_order(order_id: int) -> Order:
+        if order_id not in orders:
+            raise HTTPException(status_code=404, detail="no such order")
+        return orders[order_id]
+
+    @app.get("/orders")
+    async def count_orders() -> dict[str, int]:
+        return {"count": len(orders)}
+
+    return app
+
+
+app = create_app()

@@ -1,0 +1,578 @@
+"""IdempotencyMiddleware through httpx.ASGITransport around a tiny raw ASGI app.
+
+The app counts its executions, echoes what it was asked, and can be held open on an
+asyncio.Event, streamed in chunks, or told which status to answer, so every row of the
+protocol table is checked from the client's side: replay, 409, 422, 400, 413, 503, pass-through,
+scope isolation, the body limits and the stored-status policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import FakeClock
+from tests.test_idempotency import AsyncStore
+from ttlstore._http import Message, Receive, Scope, Send, get_header
+from ttlstore.asgi import (
+    DEFAULT_STORE_STATUSES,
+    IdempotencyMiddleware,
+    parse_idempotency_key,
+)
+from ttlstore.idempotency import IdempotencyStore, Outcome, Started
+
+KEY = "Idempotency-Key"
+
+
+class CountingApp:
+    """A raw ASGI app that counts executions.
+
+    ``/status/<code>`` answers that status; ``/stream/<n>`` streams n chunks of ``chunk``;
+    ``/boom`` raises. Everything else answers 201 with a JSON echo. When ``gate`` is set,
+    each execution waits on it after signalling ``entered``.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.entered = asyncio.Event()
+        self.gate: asyncio.Event | None = None
+        self.chunk = b"0123456789"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "http"
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        self.calls += 1
+        n = self.calls
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        path: str = scope["path"]
+        if path == "/boom":
+            raise RuntimeError("handler failed")
+        if path.startswith("/stream/"):
+            await send(_start(200, n))
+            chunks = int(path.rsplit("/", 1)[1])
+            for i in range(chunks):
+                more = i < chunks - 1
+                await send({"type": "http.response.body", "body": self.chunk, "more_body": more})
+            return
+        status = int(path.rsplit("/", 1)[1]) if path.startswith("/status/") else 201
+        payload = json.dumps(
+            {"n": n, "method": scope["method"], "path": path, "body": body.decode()}
+        ).encode()
+        await send(_start(status, n, len(payload)))
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _start(status: int, n: int, length: int | None = None) -> Message:
+    headers = [(b"content-type", b"application/json"), (b"x-execution", str(n).encode())]
+    if length is not None:
+        headers.append((b"content-length", str(length).encode()))
+    return {"type": "http.response.start", "status": status, "headers": headers}
+
+
+@pytest.fixture
+def app() -> CountingApp:
+    return CountingApp()
+
+
+@pytest.fixture
+def store(clock: FakeClock) -> IdempotencyStore:
+    return IdempotencyStore(clock=clock)
+
+
+def client_for(asgi_app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi_app), base_url="http://t")
+
+
+@pytest.fixture
+async def client(app: CountingApp, store: IdempotencyStore) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(IdempotencyMiddleware(app, store)) as c:
+        yield c
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/problem+json"
+    doc: dict[str, Any] = response.json()
+    assert doc["status"] == status and doc["title"]
+    return doc
+
+
+# ---------------------------------------------------------------------- replay
+
+
+async def test_replay_returns_the_stored_response_without_running(
+    client: httpx.AsyncClient, app: CountingApp
+) -> None:
+    first = await client.post("/orders", content=b'{"qty": 1}', headers={KEY: '"order-1"'})
+    assert first.status_code == 201
+    assert "idempotent-replayed" not in first.headers
+    again = await client.post("/orders", content=b'{"qty": 1}', headers={KEY: '"order-1"'})
+    assert again.status_code == 201
+    assert again.content == first.content
+    assert again.headers["x-execution"] == "1"
+    assert again.headers["content-type"] == "application/json"
+    assert again.headers["idempotent-replayed"] == "true"
+    assert app.calls == 1
+
+
+async def test_quoted_and_bare_keys_name_the_same_key(
+    client: httpx.AsyncClient, app: CountingApp
+) -> None:
+    await client.post("/orders", headers={KEY: '"abc-1"'})
+    bare = await client.post("/orders", headers={KEY: "abc-1"})
+    assert bare.headers["idempotent-replayed"] == "true"
+    uuid = "8e03978e-40d5-43e8-bc93-6894a57f9324"  # starts with a digit: not an sf Token
+    assert (await client.post("/orders", headers={KEY: uuid})).status_code == 201
+    replay = await client.post("/orders", headers={KEY: f'"{uuid}"'})
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert app.calls == 2
+
+
+@pytest.mark.parametrize(
+    ("field", "key"),
+    [
+        (b'"abc"', "abc"),
+        (b"abc", "abc"),
+        (b'  "a b"  ', "a b"),
+        (b'"a\\"b"', 'a"b'),
+        (b'"k";v=1', "k"),
+        (b"urn:k/1", "urn:k/1"),
+        (b"123", "123"),
+        (b"8e03978e-40d5", "8e03978e-40d5"),
+        (b'"' + b"x" * 255 + b'"', "x" * 255),
+        (b"x" * 255, "x" * 255),
+        (b'""', None),
+        (b"", None),
+        (b'"' + b"x" * 256 + b'"', None),
+        (b"x" * 256, None),
+        (b'"open', None),
+        (b"a b", None),
+        (b'"a", "b"', None),
+        (b"?1", None),
+        (b":YWJj:", None),
+        ("é".encode(), None),
+    ],
+)
+def test_parse_idempotency_key(field: bytes, key: str | None) -> None:
+    assert parse_idempotency_key(field) == key
+
+
+# ---------------------------------------------------------------------- 409, 422, 400
+
+
+async def test_409_while_the_first_request_is_held_open(
+    client: httpx.AsyncClient, app: CountingApp
+) -> None:
+    app.gate = asyncio.Event()
+    first = asyncio.create_task(client.post("/orders", content=b"x", headers={KEY: "k"}))
+    await app.entered.wait()
+    duplicate = await client.post("/orders", content=b"x", headers={KEY: "k"})
+    doc = assert_problem(duplicate, 409)
+    assert duplicate.headers["retry-after"] == "1"
+    assert "Idempotency-Key" in doc["detail"]
+    app.gate.set()
+    assert (await first).status_code == 201
+    replay = await client.post("/orders", content=b"x", headers={KEY: "k"})
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert app.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "body"),
+    [
+        ("POST", "/orders", b'{"qty": 2}'),  # another body
+        ("POST", "/other", b'{"qty": 1}'),  # another path
+        ("POST", "/orders?dry=1", b'{"qty": 1}'),  # another query
+        ("PATCH", "/orders", b'{"qty": 1}'),  # another method
+    ],
+)
+async def test_422_for_the_same_key_with_another_request(
+    client: httpx.AsyncClient, app: CountingApp, method: str, url: str, body: bytes
+) -> None:
+    await client.post("/orders", content=b'{"qty": 1}', headers={KEY: "k"})
+    reused = await client.request(method, url, content=body, headers={KEY: "k"})
+    assert_problem(reused, 422)
+    assert app.calls == 1
+
+
+async def test_422_also_while_the_first_is_running(
+    client: httpx.AsyncClient, app: CountingApp
+) -> None:
+    app.gate = asyncio.Event()
+    first = asyncio.create_task(client.post("/orders", content=b"a", headers={KEY: "k"}))
+    await app.entered.wait()
+    assert_problem(await client.post("/orders", content=b"b", headers={KEY: "k"}), 422)
+    app.gate.set()
+    await first
+
+
+@pytest.mark.parametrize(
+    "value", ['""', "", '"' + "k" * 256 + '"', "k" * 256, "a b", '"open', '"a", "b"']
+)
+async def test_400_for_a_malformed_key(
+    client: httpx.AsyncClient, app: CountingApp, value: str
+) -> None:
+    doc = assert_problem(await client.post("/orders", headers={KEY: value}), 400)
+    assert "1 to 255 characters" in doc["detail"]
+    assert app.calls == 0
+
+
+async def test_255_characters_are_accepted(client: httpx.AsyncClient) -> None:
+    assert (await client.post("/orders", headers={KEY: "k" * 255})).status_code == 201
+    assert (await client.post("/orders", headers={KEY: f'"{"q" * 255}"'})).status_code == 201
+
+
+async def test_400_for_two_key_header_lines(client: httpx.AsyncClient, app: CountingApp) -> None:
+    response = await client.post("/orders", headers=[(KEY, "a"), (KEY, "b")])
+    assert_problem(response, 400)
+    assert app.calls == 0
+
+
+async def test_400_for_a_missing_key_only_when_required(
+    app: CountingApp, store: IdempotencyStore
+) -> None:
+    async with client_for(IdempotencyMiddleware(app, store, required=True)) as client:
+        doc = assert_problem(await client.post("/orders"), 400)
+        assert doc["detail"] == "Idempotency-Key is required"
+        assert (await client.get("/orders")).status_code == 201  # GET never needs one
+    assert app.calls == 1
+
+
+# ---------------------------------------------------------------------- pass-through
+
+
+async def test_get_and_unkeyed_requests_are_untouched(
+    client: httpx.AsyncClient, app: CountingApp, store: IdempotencyStore
+) -> None:
+    for _ in range(2):
+        got = await client.get("/orders", headers={KEY: "k"})
+        assert "idempotent-replayed" not in got.headers
+        posted = await client.post("/orders", content=b"x")
+        assert "idempotent-replayed" not in posted.headers
+    assert app.calls == 4
+    assert store.stats().claims == 0
+
+
+async def test_methods_are_configurable(app: CountingApp, store: IdempotencyStore) -> None:
+    async with client_for(IdempotencyMiddleware(app, store, methods=["put"])) as client:
+        await client.put("/orders", headers={KEY: "k"})
+        assert (await client.put("/orders", headers={KEY: "k"})).headers["x-execution"] == "1"
+        await client.post("/orders", headers={KEY: "k"})
+        assert (await client.post("/orders", headers={KEY: "k"})).headers["x-execution"] == "3"
+
+
+async def test_non_http_scopes_pass_through(app: CountingApp, store: IdempotencyStore) -> None:
+    seen: list[str] = []
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope["type"])
+
+    middleware = IdempotencyMiddleware(inner, store)
+
+    async def nothing() -> Message:
+        raise AssertionError
+
+    async def drop(message: Message) -> None:
+        raise AssertionError
+
+    await middleware({"type": "lifespan"}, nothing, drop)
+    await middleware({"type": "websocket", "path": "/ws", "headers": []}, nothing, drop)
+    assert seen == ["lifespan", "websocket"]
+
+
+# ---------------------------------------------------------------------- scope isolation
+
+
+async def test_scope_keeps_tenants_apart(app: CountingApp, store: IdempotencyStore) -> None:
+    def tenant(scope: Scope) -> str:
+        return (get_header(scope, b"x-tenant") or b"").decode()
+
+    async with client_for(IdempotencyMiddleware(app, store, scope=tenant)) as client:
+        a = await client.post("/orders", content=b"same", headers={KEY: "k", "x-tenant": "a"})
+        b = await client.post("/orders", content=b"same", headers={KEY: "k", "x-tenant": "b"})
+        assert a.headers["x-execution"] == "1" and b.headers["x-execution"] == "2"
+        a2 = await client.post("/orders", content=b"same", headers={KEY: "k", "x-tenant": "a"})
+        b2 = await client.post("/orders", content=b"same", headers={KEY: "k", "x-tenant": "b"})
+        assert a2.content == a.content and a2.headers["idempotent-replayed"] == "true"
+        assert b2.content == b.content and b2.headers["idempotent-replayed"] == "true"
+    assert app.calls == 2
+
+
+async def test_a_scope_that_returns_no_string_is_an_error(
+    app: CountingApp, store: IdempotencyStore
+) -> None:
+    middleware = IdempotencyMiddleware(app, store, scope=lambda scope: 42)  # type: ignore[arg-type, return-value]
+    async with client_for(middleware) as client:
+        with pytest.raises(TypeError, match="scope callable must return a str, got 42"):
+            await client.post("/orders", headers={KEY: "k"})
+
+
+# ---------------------------------------------------------------------- body limits
+
+
+async def test_request_bodies_over_max_body_get_413(
+    app: CountingApp, store: IdempotencyStore
+) -> None:
+    async def streamed(data: bytes) -> AsyncIterator[bytes]:
+        for i in range(len(data)):
+            yield data[i : i + 1]
+
+    async with client_for(IdempotencyMiddleware(app, store, max_body=16)) as client:
+        declared = await client.post("/orders", content=b"x" * 17, headers={KEY: "a"})
+        doc = assert_problem(declared, 413)
+        assert "at most 16 bytes" in doc["detail"]
+        chunked = await client.post("/orders", content=streamed(b"x" * 17), headers={KEY: "b"})
+        assert_problem(chunked, 413)
+        assert app.calls == 0
+        fits = await client.post("/orders", content=streamed(b"y" * 16), headers={KEY: "c"})
+        assert fits.status_code == 201 and fits.json()["body"] == "y" * 16
+        # Without a key, nothing is buffered and no limit applies.
+        assert (await client.post("/orders", content=b"z" * 100)).status_code == 201
+    assert store.stats().claims == 1
+
+
+async def test_a_streamed_response_is_stored_whole_and_replayed(
+    app: CountingApp, store: IdempotencyStore
+) -> None:
+    async with client_for(IdempotencyMiddleware(app, store, max_response=30)) as client:
+        first = await client.post("/stream/3", headers={KEY: "k"})
+        assert first.content == b"0123456789" * 3
+        replay = await client.post("/stream/3", headers={KEY: "k"})
+        assert replay.content == first.content
+        assert replay.headers["content-length"] == "30"
+        assert replay.headers["idempotent-replayed"] == "true"
+    assert app.calls == 1
+
+
+async def test_a_response_over_max_response_passes_through_and_is_not_stored(
+    app: CountingApp, store: IdempotencyStore
+) -> None:
+    async with client_for(IdempotencyMiddleware(app, store, max_response=29)) as client:
+        first = await client.post("/stream/3", headers={KEY: "k"})
+        assert first.content == b"0123456789" * 3  # the client still gets all of it
+        second = await client.post("/stream/3", headers={KEY: "k"})
+        assert "idempotent-replayed" not in second.headers
+    assert app.calls == 2
+    stats = store.stats()
+    assert (stats.releases, stats.records, stats.inflight) == (2, 0, 0)
+
+
+# ---------------------------------------------------------------------- what is stored
+
+
+@pytest.mark.parametrize(
+    ("status", "stored"),
+    [
+        *[(status, True) for status in (200, 303, 400, 404, 422)],
+        *[(status, False) for status in (401, 408, 425, 429, 500, 503)],
+    ],
+)
+async def test_default_stored_statuses(
+    client: httpx.AsyncClient, app: CountingApp, status: int, stored: bool
+) -> None:
+    assert (status in DEFAULT_STORE_STATUSES) is stored
+    await client.post(f"/status/{status}", headers={KEY: "k"})
+    again = await client.post(f"/status/{status}", headers={KEY: "k"})
+    assert again.status_code == status
+    assert ("idempotent-replayed" in again.headers) is stored
+    assert app.calls == (1 if stored else 2)
+
+
+async def test_store_every_status_like_stripe(app: CountingApp, store: IdempotencyStore) -> None:
+    middleware = IdempotencyMiddleware(app, store, store_statuses=range(100, 600))
+    async with client_for(middleware) as client:
+        await client.post("/status/500", headers={KEY: "k"})
+        again = await client.post("/status/500", headers={KEY: "k"})
+        assert again.status_code == 500 and again.headers["idempotent-replayed"] == "true"
+    assert app.calls == 1
+
+
+async def test_an_app_exception_releases_the_key(
+    client: httpx.AsyncClient, app: CountingApp, store: IdempotencyStore
+) -> None:
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="handler failed"):
+            await client.post("/boom", headers={KEY: "k"})
+    assert app.calls == 2
+    assert store.stats().releases == 2
+
+
+# ---------------------------------------------------------------------- 503 and backends
+
+
+async def test_503_when_the_in_flight_table_is_full(app: CountingApp, clock: FakeClock) -> None:
+    store = IdempotencyStore(max_inflight=1, clock=clock)
+    app.gate = asyncio.Event()
+    async with client_for(IdempotencyMiddleware(app, store)) as client:
+        first = asyncio.create_task(client.post("/orders", headers={KEY: "a"}))
+        await app.entered.wait()
+        busy = await client.post("/orders", headers={KEY: "b"})
+        assert_problem(busy, 503)
+        assert busy.headers["retry-after"] == "1"
+        app.gate.set()
+        await first
+        assert (await client.post("/orders", headers={KEY: "b"})).status_code == 201
+
+
+class Unavailable:
+    """A backend whose every call fails, like Redis with the network down."""
+
+    def begin(self, key: str, fingerprint: str) -> Outcome[Any]:
+        raise ConnectionError("backend down")
+
+    def complete(self, key: str, token: str, result: Any) -> bool:
+        raise ConnectionError("backend down")
+
+    def release(self, key: str, token: str) -> bool:
+        raise ConnectionError("backend down")
+
+
+async def test_503_when_the_store_fails(app: CountingApp, caplog: pytest.LogCaptureFixture) -> None:
+    async with client_for(IdempotencyMiddleware(app, Unavailable())) as client:
+        with caplog.at_level(logging.ERROR, logger="ttlstore"):
+            response = await client.post("/orders", headers={KEY: "k"})
+    assert_problem(response, 503)
+    assert app.calls == 0
+    assert "failed on begin()" in caplog.text
+
+
+async def test_a_store_failing_after_the_run_still_delivers_the_response(
+    app: CountingApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    class FailsLater(Unavailable):
+        def begin(self, key: str, fingerprint: str) -> Outcome[Any]:
+            return Started("t")
+
+    async with client_for(IdempotencyMiddleware(app, FailsLater())) as client:
+        with caplog.at_level(logging.ERROR, logger="ttlstore"):
+            response = await client.post("/orders", headers={KEY: "k"})
+    assert response.status_code == 201
+    assert "failed to end a claim" in caplog.text
+
+
+async def test_an_async_backend_works_the_same(app: CountingApp, store: IdempotencyStore) -> None:
+    async with client_for(IdempotencyMiddleware(app, AsyncStore(store))) as client:
+        await client.post("/orders", headers={KEY: "k"})
+        again = await client.post("/orders", headers={KEY: "k"})
+    assert again.headers["idempotent-replayed"] == "true"
+    assert app.calls == 1
+
+
+# ---------------------------------------------------------------------- raw ASGI edge cases
+
+
+async def test_the_result_is_stored_before_the_last_chunk_is_sent(
+    app: CountingApp, store: IdempotencyStore
+) -> None:
+    """A client gone at the very end (send raises) can retry and get the replay."""
+    middleware = IdempotencyMiddleware(app, store)
+    scope: Scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/orders",
+        "query_string": b"",
+        "headers": [(b"idempotency-key", b"k")],
+    }
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"x", "more_body": False}
+
+    async def send_fails_at_the_end(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            raise OSError("client went away")
+
+    with pytest.raises(OSError):
+        await middleware(scope, receive, send_fails_at_the_end)
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await middleware(scope, receive, send)
+    assert (b"idempotent-replayed", b"true") in sent[0]["headers"]
+    assert sent[0]["status"] == 201
+    assert app.calls == 1
+
+
+async def test_a_client_gone_before_the_body_arrived_claims_nothing(
+    app: CountingApp, store: IdempotencyStore
+) -> None:
+    middleware = IdempotencyMiddleware(app, store)
+    scope: Scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/orders",
+        "headers": [(b"idempotency-key", b"k")],
+    }
+    messages = [{"type": "http.request", "body": b"x", "more_body": True}]
+
+    async def receive() -> Message:
+        return messages.pop() if messages else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        raise AssertionError("nothing to answer")
+
+    await middleware(scope, receive, send)
+    assert app.calls == 0 and store.stats().claims == 0
+
+
+async def test_a_claim_that_outlives_its_lease_is_not_stored(
+    app: CountingApp, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = IdempotencyStore(lease=10, clock=clock)
+    app.gate = asyncio.Event()
+    async with client_for(IdempotencyMiddleware(app, store)) as client:
+        first = asyncio.create_task(client.post("/orders", headers={KEY: "k"}))
+        await app.entered.wait()
+        clock.advance(10)
+        app.gate.set()
+        with caplog.at_level(logging.WARNING, logger="ttlstore"):
+            await first
+        assert "lease shorter than the request" in caplog.text
+        assert (await client.post("/orders", headers={KEY: "k"})).headers["x-execution"] == "2"
+
+
+# ---------------------------------------------------------------------- construction
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"methods": "POST"}, TypeError, "methods must be a collection of method names"),
+        ({"methods": ["PO ST"]}, ValueError, "methods must hold HTTP method names"),
+        ({"header": "Idempotency Key"}, ValueError, "header must be a header field name"),
+        ({"header": ""}, ValueError, "header must be a header field name, got ''"),
+        ({"required": "yes"}, TypeError, "required must be a bool, got 'yes'"),
+        ({"scope": "tenant"}, TypeError, "scope must be a callable"),
+        ({"max_body": 0}, ValueError, "max_body must be a positive int, got 0"),
+        ({"max_response": 1.5}, TypeError, "max_response must be a positive int, got 1.5"),
+        ({"store_statuses": 200}, TypeError, "store_statuses must be a collection of ints"),
+        ({"store_statuses": [99]}, ValueError, r"HTTP statuses 100\.\.599, got 99"),
+        ({"store_statuses": ["200"]}, TypeError, "store_statuses must hold ints, got '200'"),
+    ],
+)
+def test_bad_middleware_arguments(
+    app: CountingApp, kwargs: dict[str, Any], error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        IdempotencyMiddleware(app, IdempotencyStore(), **kwargs)
+
+
+def test_the_store_and_app_must_be_what_they_claim(app: CountingApp) -> None:
+    with pytest.raises(TypeError, match="store must have begin"):
+        IdempotencyMiddleware(app, {})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="app must be an ASGI application"):
+        IdempotencyMiddleware(None, IdempotencyStore())  # type: ignore[arg-type]
