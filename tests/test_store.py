@@ -609,3 +609,35 @@ def test_overwrites_and_deletes_leave_no_stale_index_growth() -> None:
     assert len(store._index) <= 2 * 10 + 32 + baseline_index
     # A store of 10 entries holds a few KiB; stale index growth would be tens of MiB.
     assert grown < 16 * 1024
+
+
+class _CountingLock:
+    """Stands in for a store's lock and records how much each hold reclaimed."""
+
+    def __init__(self, store: TTLStore[Any, Any]) -> None:
+        self._inner = threading.Lock()
+        self._store = store
+        self.reclaimed_per_hold: list[int] = []
+
+    def acquire(self) -> bool:
+        self._inner.acquire()
+        self._before = self._store._expirations
+        return True
+
+    def release(self) -> None:
+        self.reclaimed_per_hold.append(self._store._expirations - self._before)
+        self._inner.release()
+
+
+@pytest.mark.parametrize("operation", [len, list, TTLStore.stats, lambda s: list(s.items())])
+def test_large_backlog_is_reclaimed_in_slices_by_len_iter_and_stats(
+    clock: FakeClock, operation: Any
+) -> None:
+    store = make(clock, maxsize=10_000, ttl=1)
+    store.update((i, i) for i in range(5000))
+    clock.advance(1)
+    lock = _CountingLock(store)
+    store._lock = lock  # type: ignore[assignment]
+    operation(store)
+    assert sum(lock.reclaimed_per_hold) == 5000
+    assert max(lock.reclaimed_per_hold) <= 1024

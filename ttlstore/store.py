@@ -80,6 +80,9 @@ class _Unset(enum.Enum):
 UNSET = _Unset.UNSET
 _MISSING: Any = object()
 
+# Due entries reclaimed per lock hold when len(), iteration or stats() meet a backlog.
+_BACKLOG_SLICE = 1024
+
 RemovalListener = Callable[[K, V, RemovalCause], object]
 
 
@@ -338,6 +341,7 @@ class TTLStore(MutableMapping[K, V]):
 
         ``KeyError`` if the store holds no live entry. O(1) amortized.
         """
+        self._reclaim_backlog()
         item = self._run(self._popitem)
         if item is None:
             raise KeyError("popitem(): store is empty")
@@ -406,6 +410,7 @@ class TTLStore(MutableMapping[K, V]):
 
     def stats(self) -> StoreStats:
         """An immutable snapshot of the counters, after reclaiming due entries. O(1) amortized."""
+        self._reclaim_backlog()
         return self._run(self._stats)
 
     @property
@@ -425,6 +430,7 @@ class TTLStore(MutableMapping[K, V]):
 
     def __len__(self) -> int:
         """Number of live entries, after reclaiming due ones. O(1) amortized."""
+        self._reclaim_backlog()
         return self._run(self._live_len)
 
     def __iter__(self) -> Iterator[K]:
@@ -433,6 +439,7 @@ class TTLStore(MutableMapping[K, V]):
         The snapshot is taken at one instant, so it never disagrees with ``len`` at that
         instant, and later writes never break the iteration.
         """
+        self._reclaim_backlog()
         return iter(self._run(self._snapshot_keys))
 
     def keys(self) -> KeysView[K]:
@@ -749,8 +756,24 @@ class TTLStore(MutableMapping[K, V]):
         return list(self._data)
 
     def _snapshot_items(self) -> list[tuple[K, V]]:
+        """Every live (key, value) pair at one instant, LRU first. O(n)."""
+        self._reclaim_backlog()
+        return self._run(self._items_now)
+
+    def _items_now(self) -> list[tuple[K, V]]:
         self._expire(None)
         return [(key, entry.value) for key, entry in self._data.items()]
+
+    def _reclaim_backlog(self) -> None:
+        """Reclaim due entries slice by slice, releasing the lock in between.
+
+        Called before an operation that must reclaim every due entry under the lock (len,
+        iteration, stats, popitem), so that a large backlog never blocks other threads for
+        longer than one slice; the operation itself then finds little left to do.
+        """
+        if self._lock_or_none() is not None:
+            while self._run(self._expire, _BACKLOG_SLICE) == _BACKLOG_SLICE:
+                pass
 
 
 class _LockedTTLStore(TTLStore[K, V]):
@@ -867,7 +890,7 @@ class _ItemsView(ItemsView[K, V]):
     _mapping: TTLStore[K, V]
 
     def __iter__(self) -> Iterator[tuple[K, V]]:
-        return iter(self._mapping._run(self._mapping._snapshot_items))
+        return iter(self._mapping._snapshot_items())
 
     def __contains__(self, item: object) -> bool:
         if not isinstance(item, tuple) or len(item) != 2:
@@ -883,7 +906,7 @@ class _ValuesView(ValuesView[V]):
     _mapping: TTLStore[Any, V]
 
     def __iter__(self) -> Iterator[V]:
-        return (value for _, value in self._mapping._run(self._mapping._snapshot_items))
+        return (value for _, value in self._mapping._snapshot_items())
 
     def __contains__(self, value: object) -> bool:
         return any(v is value or v == value for v in self)
