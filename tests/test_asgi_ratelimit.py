@@ -1,0 +1,209 @@
+"""Tests of RateLimitMiddleware through httpx.ASGITransport: 429s, RateLimit fields, keys."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import http_sf
+import httpx
+import pytest
+
+from tests.conftest import FakeClock
+from ttlstore._http import Message, Receive, Scope, Send, get_header
+from ttlstore._ratelimit_asgi import RateLimitMiddleware, client_host
+from ttlstore.ratelimit import Decision, Limit, TokenBucketLimiter
+
+
+async def hello(scope: Scope, receive: Receive, send: Send) -> None:
+    """The guarded app: 200 with a header of its own."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain"), (b"x-app", b"yes")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def forwarded_for(scope: Scope) -> str | None:
+    """Key on the client a trusted proxy reports (never use this without such a proxy)."""
+    header = get_header(scope, b"x-forwarded-for")
+    return None if header is None else header.decode("latin-1").split(",")[0].strip()
+
+
+def client(app: Any, host: str = "198.51.100.7") -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=(host, 40000))
+    return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+
+def field(response: httpx.Response, name: str) -> Any:
+    """A RateLimit field parsed back as a Structured Field List."""
+    return http_sf.parse(response.headers[name].encode(), tltype="list")
+
+
+async def test_allowed_responses_carry_the_fields(clock: FakeClock) -> None:
+    limiter = TokenBucketLimiter(limits=[Limit.per(100, 60)], clock=clock)
+    async with client(RateLimitMiddleware(hello, limiter)) as http:
+        response = await http.get("/")
+    assert response.status_code == 200
+    assert response.text == "ok"
+    assert response.headers["x-app"] == "yes"
+    assert response.headers["ratelimit-policy"] == '"default";q=100;w=60'
+    assert response.headers["ratelimit"] == '"default";r=99;t=1'
+
+
+async def test_refusal_is_429_with_retry_after_and_problem_json(clock: FakeClock) -> None:
+    limiter = TokenBucketLimiter(0.4, 2, clock=clock)  # a token every 2.5 s
+    app = RateLimitMiddleware(hello, limiter)
+    async with client(app) as http:
+        assert [(await http.get("/")).status_code for _ in range(2)] == [200, 200]
+        refused = await http.get("/")
+        assert refused.status_code == 429
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.headers["retry-after"] == "3"  # 2.5 s, rounded up
+        assert field(refused, "ratelimit") == [("default", {"r": 0, "t": 3})]
+        assert field(refused, "ratelimit-policy") == [("default", {"q": 2, "w": 5})]
+        problem = json.loads(refused.content)
+        assert problem["status"] == 429
+        assert problem["title"] == "Too Many Requests"
+        assert "3 s" in problem["detail"]
+        clock.advance(2)
+        again = await http.get("/")
+        assert (again.status_code, again.headers["retry-after"]) == (429, "1")  # 0.5 s left
+        clock.advance(0.5)
+        assert (await http.get("/")).status_code == 200
+    assert limiter.stats().denied == 2
+
+
+async def test_retry_after_never_below_t(clock: FakeClock) -> None:
+    limiter = TokenBucketLimiter(
+        limits=[Limit(3, 3, "fast"), Limit.per(4, 3600, "slow")], clock=clock
+    )
+    async with client(RateLimitMiddleware(hello, limiter)) as http:
+        for _ in range(4):
+            clock.advance(0.5)
+            assert (await http.get("/")).status_code == 200
+        refused = await http.get("/")
+    assert refused.status_code == 429
+    ((name, params),) = field(refused, "ratelimit")
+    assert name == "slow"
+    assert int(refused.headers["retry-after"]) >= params["t"]
+    # slow's first token (one per 900 s) was taken 1.5 s ago: 898.5 s, rounded up.
+    assert refused.headers["retry-after"] == "899"
+    assert field(refused, "ratelimit-policy") == [
+        ("fast", {"q": 3, "w": 1}),
+        ("slow", {"q": 4, "w": 3600}),
+    ]
+
+
+async def test_two_clients_are_independent(clock: FakeClock) -> None:
+    limiter = TokenBucketLimiter(1, 1, clock=clock)
+    app = RateLimitMiddleware(hello, limiter)
+    async with client(app, "192.0.2.1") as first, client(app, "192.0.2.2") as second:
+        assert (await first.get("/")).status_code == 200
+        assert (await first.get("/")).status_code == 429
+        assert (await second.get("/")).status_code == 200
+        assert (await second.get("/")).status_code == 429
+
+
+async def test_flood_of_distinct_keys_stays_bounded_and_is_counted(clock: FakeClock) -> None:
+    limiter = TokenBucketLimiter(1, 5, maxsize=50, clock=clock)
+    app = RateLimitMiddleware(hello, limiter, key=forwarded_for)
+    (store,) = limiter.stores
+    async with client(app) as http:
+        for i in range(500):
+            response = await http.get(
+                "/", headers={"x-forwarded-for": f"10.0.{i // 256}.{i % 256}"}
+            )
+            assert response.status_code == 200
+            assert len(store) <= 50
+    stats = limiter.stats()
+    assert (stats.size, stats.fail_open_evictions, stats.allowed) == (50, 450, 500)
+
+
+async def test_headers_can_be_turned_off(clock: FakeClock) -> None:
+    limiter = TokenBucketLimiter(1, 1, clock=clock)
+    async with client(RateLimitMiddleware(hello, limiter, headers=False)) as http:
+        allowed, refused = await http.get("/"), await http.get("/")
+    assert "ratelimit" not in allowed.headers and "ratelimit-policy" not in allowed.headers
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"] == "1"
+    assert "ratelimit" not in refused.headers
+
+
+async def test_policy_name_for_unnamed_limits(clock: FakeClock) -> None:
+    limiter = TokenBucketLimiter(2, 10, clock=clock)
+    async with client(RateLimitMiddleware(hello, limiter, policy_name="api")) as http:
+        response = await http.get("/")
+    assert response.headers["ratelimit-policy"] == '"api";q=10;w=5'
+    assert response.headers["ratelimit"] == '"api";r=9;t=1'
+
+
+async def test_no_key_means_no_limit(clock: FakeClock) -> None:
+    limiter = TokenBucketLimiter(1, 1, clock=clock)
+    app = RateLimitMiddleware(hello, limiter, key=forwarded_for)
+    async with client(app) as http:
+        responses = [await http.get("/") for _ in range(3)]
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert "ratelimit" not in responses[0].headers
+    assert limiter.stats().allowed == 0
+
+
+async def test_non_http_scopes_pass_through(clock: FakeClock) -> None:
+    limiter = TokenBucketLimiter(1, 1, clock=clock)
+    seen: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope["type"])
+
+    async def receive() -> Message:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: Message) -> None: ...
+
+    middleware = RateLimitMiddleware(app, limiter)
+    for _ in range(3):
+        await middleware({"type": "lifespan"}, receive, send)
+        await middleware({"type": "websocket", "client": ("192.0.2.1", 1)}, receive, send)
+    assert seen == ["lifespan", "websocket"] * 3
+    assert limiter.stats().allowed == limiter.stats().denied == 0
+
+
+class SharedLimiter:
+    """An AsyncLimiter stand-in: a coroutine acquire, as a Redis-backed limiter has."""
+
+    def __init__(self, inner: TokenBucketLimiter) -> None:
+        self.inner = inner
+
+    @property
+    def limits(self) -> tuple[Limit, ...]:
+        return self.inner.limits
+
+    async def acquire(self, key: str, cost: int = 1) -> Decision:
+        return self.inner.acquire(key, cost)
+
+
+async def test_async_limiter(clock: FakeClock) -> None:
+    app = RateLimitMiddleware(hello, SharedLimiter(TokenBucketLimiter(1, 1, clock=clock)))
+    async with client(app) as http:
+        assert (await http.get("/")).status_code == 200
+        refused = await http.get("/")
+    assert (refused.status_code, refused.headers["retry-after"]) == (429, "1")
+
+
+def test_default_key_is_the_peer_address() -> None:
+    assert client_host({"type": "http", "client": ("203.0.113.9", 5555)}) == "203.0.113.9"
+    assert client_host({"type": "http", "client": None}) is None
+    assert client_host({"type": "http"}) is None
+
+
+def test_bad_configuration_fails_at_construction() -> None:
+    limiter = TokenBucketLimiter(1, 1)
+    with pytest.raises(ValueError):
+        RateLimitMiddleware(hello, limiter, policy_name="caf\u00e9")
+    with pytest.raises(TypeError, match="key"):
+        RateLimitMiddleware(hello, limiter, key="client")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="acquire"):
+        RateLimitMiddleware(hello, object())  # type: ignore[arg-type]

@@ -1,0 +1,130 @@
+"""RateLimitMiddleware: per-client rate limiting for any ASGI app, with the IETF RateLimit fields.
+
+Headers follow draft-ietf-httpapi-ratelimit-headers-10, serialised as Structured Fields with
+``http_sf`` (the ``asgi`` extra). For a token bucket the fields read:
+
+- ``RateLimit-Policy: "name";q=<capacity>;w=<window>``, one item per limit, where ``window`` is
+  ``capacity / rate`` rounded up to whole seconds: the time an empty bucket takes to refill, so
+  "q per w" is the sustained rate and q the largest burst.
+- ``RateLimit: "name";r=<remaining>;t=<seconds>`` for the binding limit of this request, where
+  ``t`` is the whole seconds (rounded up) until ``r`` next grows: the draft's "time until
+  additional quota is made available". Quota comes back one token at a time, so ``t`` is not
+  the time until the bucket is full.
+- A refusal is ``429`` with ``Retry-After``: the whole seconds (rounded up) until the same
+  request would pass, never below ``t``, and an ``application/problem+json`` body.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+
+import http_sf
+
+from ttlstore._http import ASGIApp, Headers, Message, Receive, Scope, Send, send_problem
+from ttlstore.ratelimit import AsyncLimiter, Decision, Limiter
+
+__all__ = ["RateLimitMiddleware", "client_host"]
+
+KeyFunction = Callable[[Scope], str | None]
+
+
+def client_host(scope: Scope) -> str | None:
+    """The peer address of the connection (``scope["client"][0]``), or None if unknown.
+
+    Behind a reverse proxy every request comes from the proxy: pass a key function that reads
+    the client from ``X-Forwarded-For`` instead, and only when that proxy is trusted to set it
+    (otherwise any client picks its own key, and its own fresh bucket, per request).
+    """
+    client = scope.get("client")
+    return None if client is None else str(client[0])
+
+
+def _item(name: str, **params: int) -> http_sf.ItemType:
+    """A Structured Field Item: the policy name as a String, with Integer parameters."""
+    return (name, dict(params))
+
+
+class RateLimitMiddleware:
+    """Refuse requests over the limit with 429; advertise the limits on every response.
+
+    :param app: the ASGI app to guard.
+    :param limiter: any :class:`~ttlstore.ratelimit.Limiter` or
+        :class:`~ttlstore.ratelimit.AsyncLimiter` (whose ``acquire`` is awaited).
+    :param key: ``key(scope)`` names the client's bucket; None lets the request through
+        unlimited. Default: :func:`client_host` (see there about proxies).
+    :param headers: add ``RateLimit-Policy`` and ``RateLimit`` to every response, allowed or
+        not. ``Retry-After`` is always sent with a 429.
+    :param policy_name: the policy name in those fields for a limit without a ``name``.
+
+    Only ``http`` requests are limited; ``websocket`` and ``lifespan`` pass through. Each
+    request costs one token.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limiter: Limiter | AsyncLimiter,
+        *,
+        key: KeyFunction = client_host,
+        headers: bool = True,
+        policy_name: str = "default",
+    ) -> None:
+        if not callable(key):
+            raise TypeError(f"key must be callable, got {key!r}")
+        if not callable(getattr(limiter, "acquire", None)):
+            raise TypeError(f"limiter must have an acquire(key, cost) method, got {limiter!r}")
+        self.app = app
+        self.limiter = limiter
+        self._key = key
+        self._headers = bool(headers)
+        self._policy_name = policy_name
+        # The policy does not change between requests: serialise it once. This also checks
+        # every name (a bad one fails here, at startup, not on the first request).
+        policy: http_sf.ListType = [
+            _item(self._name(limit.name), q=limit.capacity, w=max(1, math.ceil(limit.window)))
+            for limit in limiter.limits
+        ]
+        self._policy_field = (b"ratelimit-policy", http_sf.ser(policy).encode("ascii"))
+
+    def _name(self, name: str | None) -> str:
+        return self._policy_name if name is None else name
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        key = self._key(scope)
+        if key is None:
+            await self.app(scope, receive, send)
+            return
+        result = self.limiter.acquire(key, 1)
+        decision: Decision = await result if inspect.isawaitable(result) else result
+        reset = math.ceil(decision.refill_after)
+        fields: Headers = []
+        if self._headers:
+            item = _item(self._name(decision.limit.name), r=decision.remaining, t=reset)
+            fields = [self._policy_field, (b"ratelimit", http_sf.ser([item]).encode("ascii"))]
+        if not decision.allowed:
+            # The draft: Retry-After SHOULD NOT point earlier than the reset parameter.
+            retry = max(math.ceil(decision.retry_after), reset)
+            await send_problem(
+                send,
+                429,
+                "Too Many Requests",
+                f"Rate limit exceeded; retry after {retry} s.",
+                headers=[(b"retry-after", str(retry).encode("ascii")), *fields],
+            )
+            return
+        if not fields:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_fields(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                # A copy: the app may reuse its message objects.
+                message = {**message, "headers": [*message.get("headers", ()), *fields]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_fields)
