@@ -1,9 +1,12 @@
-"""A FastAPI service with the seed service's idempotency setup, built on ttlstore.
+"""A FastAPI service with the seed service's idempotency and rate-limit setup, on ttlstore.
 
-Records are kept 1 h, at most 5 000 (least recently used evicted first), and an
-:class:`~ttlstore.sweeper.AsyncSweeper` started from the lifespan reclaims expired records and
-abandoned claims every 60 s, so memory is returned even for keys nobody retries. Every POST and
-PATCH carrying an ``Idempotency-Key`` runs at most once per key and API key.
+Idempotency records are kept 1 h, at most 5 000 (least recently used evicted first). Each
+client has a token bucket (``RATE`` per second, bursts of ``BURST``), at most 10 000 buckets;
+the seed service's "drop after 2 h idle" rule is replaced by lossless expiry: a bucket's entry
+expires exactly when it is full again. One :class:`~ttlstore.sweeper.AsyncSweeper` started from
+the lifespan reclaims expired records, abandoned claims and refilled buckets every 60 s, so
+memory is returned even for keys nobody uses again. Every POST and PATCH carrying an
+``Idempotency-Key`` runs at most once per key and API key.
 
 Run it with ``uvicorn examples.service:app``, then::
 
@@ -23,12 +26,16 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 from starlette.types import Scope
 
-from ttlstore.asgi import IdempotencyMiddleware
+from ttlstore.asgi import IdempotencyMiddleware, RateLimitMiddleware
 from ttlstore.idempotency import IdempotencyStore
+from ttlstore.ratelimit import TokenBucketLimiter
 from ttlstore.sweeper import AsyncSweeper
 
 RECORD_TTL = 3600.0  # seconds a response is replayable: 1 h
 MAX_RECORDS = 5000
+RATE = 10  # requests per second per API key, sustained
+BURST = 20  # requests a rested client may send at once
+MAX_BUCKETS = 10_000  # buckets in debt held at once
 SWEEP_INTERVAL = 60.0
 
 
@@ -52,14 +59,18 @@ def api_key_scope(scope: Scope) -> str:
 
 def create_app(
     store: IdempotencyStore | None = None,
+    limiter: TokenBucketLimiter | None = None,
     *,
     sweep_interval: float = SWEEP_INTERVAL,
     scope: Callable[[Scope], str] = api_key_scope,
 ) -> FastAPI:
-    """Build the service; tests pass a store on a fake clock and a short sweep interval."""
+    """Build the service; tests pass stores on a fake clock and a short sweep interval."""
     if store is None:
         store = IdempotencyStore(ttl=RECORD_TTL, maxsize=MAX_RECORDS)
-    sweeper = AsyncSweeper(*store.stores, interval=sweep_interval)
+    if limiter is None:
+        limiter = TokenBucketLimiter(RATE, BURST, maxsize=MAX_BUCKETS)
+    # One sweeper for all three stores: records, claims and buckets.
+    sweeper = AsyncSweeper(*store.stores, *limiter.stores, interval=sweep_interval)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -68,8 +79,11 @@ def create_app(
 
     app = FastAPI(title="orders", lifespan=lifespan)
     app.state.idempotency = store
+    app.state.limiter = limiter
     app.state.sweeper = sweeper
     app.add_middleware(IdempotencyMiddleware, store=store, scope=scope)
+    # Added last, so it runs first: a refused request never claims an idempotency key.
+    app.add_middleware(RateLimitMiddleware, limiter=limiter, key=scope)
 
     orders: dict[int, Order] = {}
     ids = itertools.count(1)

@@ -16,11 +16,20 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from examples.service import MAX_RECORDS, RECORD_TTL, SWEEP_INTERVAL, create_app
+from examples.service import (
+    BURST,
+    MAX_BUCKETS,
+    MAX_RECORDS,
+    RATE,
+    RECORD_TTL,
+    SWEEP_INTERVAL,
+    create_app,
+)
 from examples.service import app as default_app
 from tests.conftest import FakeClock
 from ttlstore._http import Message
 from ttlstore.idempotency import IdempotencyStore
+from ttlstore.ratelimit import TokenBucketLimiter
 
 ORDER = {"item": "book", "quantity": 2}
 
@@ -56,12 +65,19 @@ def headers(key: str | None, api_key: str = "client-1") -> dict[str, str]:
     return found
 
 
+@pytest.fixture
+def limiter(clock: FakeClock) -> TokenBucketLimiter:
+    return TokenBucketLimiter(RATE, BURST, maxsize=MAX_BUCKETS, clock=clock)
+
+
 def test_the_default_app_has_the_seed_setup() -> None:
     store = default_app.state.idempotency
     assert (store.ttl, store.maxsize) == (3600, 5000)
+    limiter = default_app.state.limiter
+    assert limiter.maxsize == 10_000
     sweeper = default_app.state.sweeper
     assert sweeper.interval == SWEEP_INTERVAL == 60
-    assert all(served_store in sweeper for served_store in store.stores)
+    assert all(served in sweeper for served in (*store.stores, *limiter.stores))
 
 
 async def test_the_lifespan_runs_the_sweeper(store: IdempotencyStore) -> None:
@@ -141,3 +157,39 @@ async def test_records_expire_after_an_hour_and_the_sweeper_reclaims_them(
         fresh = await client.post("/orders", json=ORDER, headers=headers("k"))
         assert fresh.json()["id"] == 2
         assert "idempotent-replayed" not in fresh.headers
+
+
+async def test_rate_limit_per_api_key_runs_before_idempotency(
+    store: IdempotencyStore, limiter: TokenBucketLimiter, clock: FakeClock
+) -> None:
+    app = create_app(store, limiter, sweep_interval=0.01)
+    async with served(app) as client:
+        for i in range(BURST):
+            allowed = await client.post("/orders", json=ORDER, headers=headers(f"k{i}"))
+            assert allowed.status_code == 201
+            assert allowed.headers["ratelimit"].startswith('"default";r=')
+        refused = await client.post("/orders", json=ORDER, headers=headers("late"))
+        assert refused.status_code == 429
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert int(refused.headers["retry-after"]) >= 1
+        # The refused request claimed nothing: once allowed, the key runs.
+        other = await client.post("/orders", json=ORDER, headers=headers("x", "client-2"))
+        assert other.status_code == 201  # another API key has its own bucket
+        clock.advance(1 / RATE)
+        late = await client.post("/orders", json=ORDER, headers=headers("late"))
+        assert late.status_code == 201 and "idempotent-replayed" not in late.headers
+
+        # Once full again, the bucket's entry expires and the sweeper reclaims it unread.
+        (buckets,) = limiter.stores
+        # client-2 spent one token, refilled 0.1 s later: its entry is gone already.
+        assert len(buckets) == 1
+        clock.advance(BURST / RATE)
+        sweeper = app.state.sweeper
+
+        async def reclaimed() -> None:
+            while not repr(buckets).startswith("<TTLStore stored=0"):
+                await asyncio.sleep(0.005)
+
+        await asyncio.wait_for(reclaimed(), 5)
+        assert repr(buckets).startswith("<TTLStore stored=0")
+        assert sweeper.stats().errors == 0

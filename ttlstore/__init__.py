@@ -19,6 +19,14 @@ from ttlstore.idempotency import (
     Started,
     idempotent,
 )
+from ttlstore.ratelimit import (
+    Decision,
+    Limit,
+    LimiterStats,
+    RateLimited,
+    TokenBucketLimiter,
+    rate_limited,
+)
 from ttlstore.store import RemovalCause, StoreStats, TTLStore
 from ttlstore.sweeper import AsyncSweeper, Sweeper, SweeperStats
 
@@ -26,13 +34,17 @@ __all__ = [
     "AsyncSweeper",
     "Busy",
     "BusyError",
+    "Decision",
     "IdempotencyError",
     "IdempotencyStats",
     "IdempotencyStore",
     "InProgress",
     "InProgressError",
+    "Limit",
+    "LimiterStats",
     "Mismatch",
     "MismatchError",
+    "RateLimited",
     "RemovalCause",
     "Replay",
     "Started",
@@ -40,6 +52,8 @@ __all__ = [
     "Sweeper",
     "SweeperStats",
     "TTLStore",
+    "TokenBucketLimiter",
     "idempotent",
+    "rate_limited",
 ]
 __version__ = "0.1.0"

@@ -26,6 +26,7 @@ from ttlstore._http import (
     get_header,
     send_problem,
 )
+from ttlstore._ratelimit_asgi import RateLimitMiddleware, client_host
 from ttlstore.idempotency import (
     AsyncIdempotencyBackend,
     Busy,
@@ -43,7 +44,9 @@ __all__ = [
     "DEFAULT_MAX_RESPONSE",
     "DEFAULT_STORE_STATUSES",
     "IdempotencyMiddleware",
+    "RateLimitMiddleware",
     "StoredResponse",
+    "client_host",
     "parse_idempotency_key",
 ]
 
