@@ -39,12 +39,14 @@ class Entry(Generic[K, V]):
 
     __slots__ = ("deadline", "filed", "key", "ttl", "value")
 
-    def __init__(self, key: K, value: V, deadline: float, ttl: float | None) -> None:
+    def __init__(
+        self, key: K, value: V, deadline: float, ttl: float | None, filed: float | None = None
+    ) -> None:
         self.key = key
         self.value = value
         self.deadline = deadline
         # The deadline under which this entry's index item is filed; None while not indexed.
-        self.filed: float | None = None
+        self.filed = filed
         # The entry's own TTL, which a sliding read or a touch() renews.
         self.ttl = ttl
 
