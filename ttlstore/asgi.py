@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import http_sf
 
+from ttlstore._checks import positive_int
 from ttlstore._http import (
     ASGIApp,
     Message,
@@ -37,7 +38,6 @@ from ttlstore.idempotency import (
     Started,
     as_async_backend,
 )
-from ttlstore.store import _check_positive_int
 
 __all__ = [
     "DEFAULT_MAX_BODY",
@@ -326,8 +326,8 @@ class IdempotencyMiddleware:
         self._header = header.lower().encode("ascii")
         self._required = required
         self._scope = scope
-        self._max_body = _check_positive_int("max_body", max_body)
-        self._max_response = _check_positive_int("max_response", max_response)
+        self._max_body = positive_int("max_body", max_body)
+        self._max_response = positive_int("max_response", max_response)
         self._statuses = _check_statuses(store_statuses)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -42,7 +42,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeAlias, TypeVar, cast
 
-from ttlstore.store import TTLStore, _check_positive_int, _check_ttl
+from ttlstore._checks import positive_int, positive_seconds, ttl_or_none
+from ttlstore.store import TTLStore
 
 __all__ = [
     "AsyncIdempotencyBackend",
@@ -323,13 +324,11 @@ class IdempotencyStore:
         clock: Callable[[], float] = time.monotonic,
         threadsafe: bool = True,
     ) -> None:
-        _check_ttl("ttl", ttl)
-        if lease is None:
-            raise TypeError("lease must be a positive number of seconds, got None")
-        _check_ttl("lease", lease)
-        _check_positive_int("maxsize", maxsize)
+        ttl_or_none("ttl", ttl)
+        positive_seconds("lease", lease)
+        positive_int("maxsize", maxsize)
         inflight = maxsize if max_inflight is None else max_inflight
-        _check_positive_int("max_inflight", inflight)
+        positive_int("max_inflight", inflight)
         self._records: TTLStore[str, _Record] = TTLStore(
             maxsize, ttl, clock=clock, threadsafe=threadsafe
         )

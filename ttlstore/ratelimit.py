@@ -32,6 +32,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any, ParamSpec, Protocol, TypeAlias, TypeVar, cast, overload
 
+from ttlstore._checks import positive_int
 from ttlstore.store import TTLStore
 
 __all__ = [
@@ -78,15 +79,6 @@ def _exact(name: str, value: object) -> Fraction:
     return exact
 
 
-def _positive_int(name: str, value: object) -> int:
-    """``value`` as a positive int, or a TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def _check_timeout(timeout: object) -> float | None:
     """``timeout`` as non-negative finite seconds or None, else a TypeError/ValueError."""
     if timeout is None:
@@ -114,7 +106,7 @@ class Limit:
 
     def __post_init__(self) -> None:
         _exact("rate", self.rate)
-        _positive_int("capacity", self.capacity)
+        positive_int("capacity", self.capacity)
         if self.name is not None:
             if not isinstance(self.name, str):
                 raise TypeError(f"name must be a str or None, got {self.name!r}")
@@ -128,7 +120,7 @@ class Limit:
 
         The rate is the exact fraction ``quota / seconds``, so no float rounding creeps in.
         """
-        quota = _positive_int("quota", quota)
+        quota = positive_int("quota", quota)
         return cls(Fraction(quota) / _exact("seconds", seconds), quota, name)
 
     @property
@@ -470,7 +462,7 @@ class TokenBucketLimiter:
     def _check_cost(self, cost: object) -> int:
         """``cost`` as a positive int that every limit can grant, else TypeError/ValueError."""
         if type(cost) is not int or not 0 < cost <= self._max_cost:  # one test when fine
-            cost = _positive_int("cost", cost)
+            cost = positive_int("cost", cost)
             if cost > self._max_cost:
                 limit = min(self.limits, key=lambda limit: limit.capacity)
                 raise ValueError(
@@ -605,7 +597,7 @@ def rate_limited(
     loop for an async function, with ``time.sleep`` (blocking the thread) for a sync one.
     An async limiter (a coroutine ``acquire``) can only guard async functions.
     """
-    cost = _positive_int("cost", cost)
+    cost = positive_int("cost", cost)
     if not isinstance(wait, bool):
         raise TypeError(f"wait must be a bool, got {wait!r}")
     if timeout is not None and not wait:

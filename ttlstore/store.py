@@ -28,6 +28,7 @@ from collections.abc import (
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
+from ttlstore._checks import positive_int, ttl_or_none
 from ttlstore._deadlines import INF, DeadlineIndex, Entry
 
 __all__ = ["RemovalCause", "StoreStats", "TTLStore"]
@@ -86,25 +87,6 @@ _new_entry = Entry.__new__
 _BACKLOG_SLICE = 1024
 
 RemovalListener = Callable[[K, V, RemovalCause], object]
-
-
-def _check_ttl(name: str, value: object) -> float | None:
-    """Return ``value`` as a TTL, or raise naming ``name``. ``None`` means no expiry."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a positive number of seconds or None, got {value!r}")
-    if not (0 < value < INF):  # also rejects NaN
-        raise ValueError(f"{name} must be a positive finite number of seconds, got {value!r}")
-    return float(value)
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class _Flight:
@@ -191,8 +173,8 @@ class TTLStore(MutableMapping[K, V]):
         on_remove: RemovalListener[K, V] | None = None,
         threadsafe: bool = True,
     ) -> None:
-        self._maxsize = _check_positive_int("maxsize", maxsize)
-        self._ttl = _check_ttl("ttl", ttl)
+        self._maxsize = positive_int("maxsize", maxsize)
+        self._ttl = ttl_or_none("ttl", ttl)
         if (weigher is None) != (maxweight is None):
             raise ValueError(
                 f"weigher and maxweight go together, got weigher={weigher!r}, "
@@ -284,7 +266,7 @@ class TTLStore(MutableMapping[K, V]):
         store is full, due entries are reclaimed first, then the least recently used live ones
         are evicted. O(1) amortized with the default TTL, O(log n) with another TTL.
         """
-        ttl = self._ttl if ttl is UNSET else _check_ttl("ttl", ttl)
+        ttl = self._ttl if ttl is UNSET else ttl_or_none("ttl", ttl)
         weight = 0 if self._weigher is None else self._weigh(key, value)
         # Called directly rather than through _run(): this is a hot path.
         self._set(key, value, ttl, weight, False)
@@ -303,7 +285,7 @@ class TTLStore(MutableMapping[K, V]):
 
         Complexity as :meth:`set`.
         """
-        ttl = self._ttl if ttl is UNSET else _check_ttl("ttl", ttl)
+        ttl = self._ttl if ttl is UNSET else ttl_or_none("ttl", ttl)
         return self._run(self._set, key, value, ttl, self._weigh(key, value), True)
 
     def setdefault(self, key: K, default: V = None, ttl: float | _Unset | None = UNSET) -> V:  # type: ignore[assignment]
@@ -311,7 +293,7 @@ class TTLStore(MutableMapping[K, V]):
 
         Complexity as :meth:`set`.
         """
-        ttl = self._ttl if ttl is UNSET else _check_ttl("ttl", ttl)
+        ttl = self._ttl if ttl is UNSET else ttl_or_none("ttl", ttl)
         return self._run(self._setdefault, key, default, ttl, self._weigh(key, default))
 
     def update(self, *args: Any, **kwargs: V) -> None:
@@ -361,7 +343,7 @@ class TTLStore(MutableMapping[K, V]):
         Without ``ttl`` the entry's own TTL is renewed. Returns whether ``key`` was live.
         O(1) when the deadline moves later, O(log n) when it moves earlier.
         """
-        new_ttl = UNSET if ttl is UNSET else _check_ttl("ttl", ttl)
+        new_ttl = UNSET if ttl is UNSET else ttl_or_none("ttl", ttl)
         return self._run(self._touch, key, new_ttl)
 
     def ttl(self, key: K) -> float | None:
@@ -378,7 +360,7 @@ class TTLStore(MutableMapping[K, V]):
         default-TTL entries, O(k log n) for entries with their own TTL.
         """
         if limit is not None:
-            _check_positive_int("limit", limit)
+            positive_int("limit", limit)
         return self._run(self._expire, limit)
 
     def get_or_set(self, key: K, factory: Callable[[], V], ttl: float | _Unset | None = UNSET) -> V:
@@ -388,7 +370,7 @@ class TTLStore(MutableMapping[K, V]):
         it raises, every one of them gets the exception and nothing is stored. A factory that
         asks for its own key raises ``RuntimeError`` rather than deadlock.
         """
-        ttl = self._ttl if ttl is UNSET else _check_ttl("ttl", ttl)
+        ttl = self._ttl if ttl is UNSET else ttl_or_none("ttl", ttl)
         found, flight, owner = self._run(self._claim, key)
         if flight is None:
             return found  # type: ignore[return-value]
@@ -866,7 +848,7 @@ class _LockedTTLStore(TTLStore[K, V]):
                 self._flush()
 
     def set(self, key: K, value: V, ttl: float | _Unset | None = UNSET) -> None:
-        ttl = self._ttl if ttl is UNSET else _check_ttl("ttl", ttl)
+        ttl = self._ttl if ttl is UNSET else ttl_or_none("ttl", ttl)
         weight = 0 if self._weigher is None else self._weigh(key, value)
         lock = self._lock
         lock.acquire()

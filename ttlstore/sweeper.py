@@ -21,8 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-import numbers
 import threading
 import time
 import weakref
@@ -30,6 +28,8 @@ from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import Protocol
+
+from ttlstore._checks import positive_int, positive_seconds
 
 __all__ = ["AsyncSweeper", "Expirable", "Sweeper", "SweeperStats"]
 
@@ -74,32 +74,13 @@ class _Slot:
         self.reclaimed = 0
 
 
-def _check_interval(interval: object) -> float:
-    """``interval`` as a float, or a TypeError/ValueError naming it."""
-    if isinstance(interval, bool) or not isinstance(interval, numbers.Real):
-        raise TypeError(f"interval must be a positive number of seconds, got {interval!r}")
-    seconds = float(interval)
-    # TIMEOUT_MAX: a longer wait makes threading.Event.wait raise OverflowError on the thread.
-    if not (math.isfinite(seconds) and 0 < seconds <= threading.TIMEOUT_MAX):
-        raise ValueError(f"interval must be a positive finite number of seconds, got {interval!r}")
-    return seconds
-
-
-def _check_batch(batch: object) -> int:
-    """``batch`` as an int, or a TypeError/ValueError naming it."""
-    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral):
-        raise TypeError(f"batch must be a positive int, got {batch!r}")
-    if batch <= 0:
-        raise ValueError(f"batch must be a positive int, got {batch!r}")
-    return int(batch)
-
-
 class _SweeperBase:
     """Store registry, counters and the tick itself, shared by both sweepers."""
 
     def __init__(self, *stores: Expirable, interval: float = 60.0, batch: int = 1000) -> None:
-        self._interval = _check_interval(interval)
-        self._batch = _check_batch(batch)
+        # TIMEOUT_MAX: a longer wait makes threading.Event.wait raise OverflowError on the thread.
+        self._interval = positive_seconds("interval", interval, threading.TIMEOUT_MAX)
+        self._batch = positive_int("batch", batch)
         # Guards the registry and the counters; never held while a store is called.
         self._state = threading.Lock()
         # Keyed by id(store): ids are unique among live objects, and a dead store's slot is

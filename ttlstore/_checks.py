@@ -1,0 +1,37 @@
+"""Argument checks shared by every public constructor and method.
+
+Each raises ``TypeError`` (wrong kind) or ``ValueError`` (right kind, bad value) with a message
+that names the argument and the value, before anything has changed.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value`` as a positive int; ``bool`` is refused although it is an ``int``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def positive_seconds(name: str, value: object, maximum: float = math.inf) -> float:
+    """``value`` as a positive finite float of seconds, at most ``maximum``.
+
+    Rejects zero, negatives, NaN, infinities and ``bool``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive number of seconds, got {value!r}")
+    seconds = float(value)
+    if not (0 < seconds < math.inf and seconds <= maximum):  # also rejects NaN
+        raise ValueError(f"{name} must be a positive finite number of seconds, got {value!r}")
+    return seconds
+
+
+def ttl_or_none(name: str, value: object) -> float | None:
+    """A TTL: positive finite seconds, or ``None`` for "no expiry"."""
+    return None if value is None else positive_seconds(name, value)
