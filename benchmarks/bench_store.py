@@ -14,21 +14,12 @@ from typing import Any
 
 import pytest
 
+from benchmarks._peers import FakeClock
 from ttlstore import TTLStore
 
 OPS = 1000
 SIZES = [1_000, 100_000]
 TTL = 3600.0
-
-
-class Clock:
-    """A settable clock, so expiry benchmarks need no sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(params=SIZES, ids=lambda n: f"n={n}")
@@ -106,7 +97,7 @@ def test_set_with_eviction(benchmark: Any, size: int, threadsafe: bool) -> None:
 @pytest.mark.parametrize("own_ttl", [False, True], ids=["default-ttl", "own-ttl"])
 def test_expire(benchmark: Any, size: int, own_ttl: bool) -> None:
     """Reclaiming OPS due entries out of ``size``: FIFO (default TTL) or heap (own TTL)."""
-    clock = Clock()
+    clock = FakeClock()
     rng = random.Random(1)
 
     def setup() -> tuple[tuple[Any], dict[str, Any]]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks._peers import FakeClock
 from ttlstore import TTLStore
 from ttlstore.sweeper import AsyncSweeper, Sweeper
 
@@ -23,17 +24,7 @@ TTL = 3600.0
 IDLE_STORES = 100
 
 
-class Clock:
-    """A settable clock, so a whole backlog falls due without sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def due_store(clock: Clock, own_ttl: bool, rng: random.Random) -> TTLStore[int, int]:
+def due_store(clock: FakeClock, own_ttl: bool, rng: random.Random) -> TTLStore[int, int]:
     """A threadsafe store holding ``BACKLOG`` entries, every one of them due."""
     clock.now = 0.0
     store: TTLStore[int, int] = TTLStore(BACKLOG, TTL, clock=clock)
@@ -56,7 +47,7 @@ def event_loop_for_bench() -> Iterator[asyncio.AbstractEventLoop]:
 @pytest.mark.parametrize("batch", [100, 1_000, 10_000], ids=lambda b: f"batch={b}")
 def test_thread_tick_reclaims_backlog(benchmark: Any, batch: int) -> None:
     """``Sweeper.sweep()``: one tick reclaiming BACKLOG default-TTL entries, ``batch`` at a time."""
-    clock, rng = Clock(), random.Random(1)
+    clock, rng = FakeClock(), random.Random(1)
     sweeper = Sweeper(batch=batch)
     keep: list[TTLStore[int, int]] = []  # the sweeper holds stores weakly
 
@@ -72,7 +63,7 @@ def test_thread_tick_reclaims_backlog(benchmark: Any, batch: int) -> None:
 
 def test_thread_tick_reclaims_backlog_of_own_ttls(benchmark: Any) -> None:
     """As above with per-entry TTLs, so the store's heap index does the work."""
-    clock, rng = Clock(), random.Random(1)
+    clock, rng = FakeClock(), random.Random(1)
     sweeper = Sweeper(batch=1_000)
     keep: list[TTLStore[int, int]] = []
 
@@ -90,7 +81,7 @@ def test_async_tick_reclaims_backlog(
     benchmark: Any, event_loop_for_bench: asyncio.AbstractEventLoop
 ) -> None:
     """``await AsyncSweeper.sweep()``: the same tick, yielding to the loop between slices."""
-    clock, rng = Clock(), random.Random(1)
+    clock, rng = FakeClock(), random.Random(1)
     sweeper = AsyncSweeper(batch=1_000)
     keep: list[TTLStore[int, int]] = []
 
@@ -109,7 +100,7 @@ def test_async_tick_reclaims_backlog(
 
 def test_idle_tick_over_many_stores(benchmark: Any) -> None:
     """A tick with nothing due over IDLE_STORES stores: the sweeper's fixed cost per store."""
-    clock = Clock()
+    clock = FakeClock()
     stores = [TTLStore[int, int](1_000, TTL, clock=clock) for _ in range(IDLE_STORES)]
     for store in stores:
         for i in range(100):
