@@ -344,10 +344,15 @@ async def test_request_bodies_over_max_body_get_413(
     assert store.stats().claims == 1
 
 
+# Bytes of the header fields of a /stream response: they count against max_response too.
+STREAM_HEADERS = sum(len(k) + len(v) for k, v in _start(200, 1)["headers"])
+
+
 async def test_a_streamed_response_is_stored_whole_and_replayed(
     app: CountingApp, store: IdempotencyStore
 ) -> None:
-    async with client_for(IdempotencyMiddleware(app, store, max_response=30)) as client:
+    limit = STREAM_HEADERS + 30
+    async with client_for(IdempotencyMiddleware(app, store, max_response=limit)) as client:
         first = await client.post("/stream/3", headers={KEY: "k"})
         assert first.content == b"0123456789" * 3
         replay = await client.post("/stream/3", headers={KEY: "k"})
@@ -360,7 +365,8 @@ async def test_a_streamed_response_is_stored_whole_and_replayed(
 async def test_a_response_over_max_response_passes_through_and_is_not_stored(
     app: CountingApp, store: IdempotencyStore
 ) -> None:
-    async with client_for(IdempotencyMiddleware(app, store, max_response=29)) as client:
+    limit = STREAM_HEADERS + 29
+    async with client_for(IdempotencyMiddleware(app, store, max_response=limit)) as client:
         first = await client.post("/stream/3", headers={KEY: "k"})
         assert first.content == b"0123456789" * 3  # the client still gets all of it
         second = await client.post("/stream/3", headers={KEY: "k"})
@@ -555,6 +561,9 @@ async def test_a_claim_that_outlives_its_lease_is_not_stored(
         ({"methods": ["PO ST"]}, ValueError, "methods must hold HTTP method names"),
         ({"header": "Idempotency Key"}, ValueError, "header must be a header field name"),
         ({"header": ""}, ValueError, "header must be a header field name, got ''"),
+        ({"header": "Clé"}, ValueError, "header must be a header field name, got 'Clé'"),
+        ({"header": 5}, TypeError, "header must be a header field name .str., got 5"),
+        ({"methods": [5]}, TypeError, "methods must hold HTTP method names .str., got 5"),
         ({"required": "yes"}, TypeError, "required must be a bool, got 'yes'"),
         ({"scope": "tenant"}, TypeError, "scope must be a callable"),
         ({"max_body": 0}, ValueError, "max_body must be a positive int, got 0"),

@@ -641,3 +641,43 @@ def test_large_backlog_is_reclaimed_in_slices_by_len_iter_and_stats(
     operation(store)
     assert sum(lock.reclaimed_per_hold) == 5000
     assert max(lock.reclaimed_per_hold) <= 1024
+
+
+def test_replacing_never_evicts_the_key_itself_despite_float_residue(clock: FakeClock) -> None:
+    events, listener = recorder()
+    store = make(clock, weigher=lambda k, v: v, maxweight=0.9, on_remove=listener)
+    for i, weight in enumerate([0.2, 0.3, 0.1, 0.2]):
+        store[f"k{i}"] = weight  # the running total keeps a float residue of ~3e-17
+    store["k0"] = 0.9
+    assert store == {"k0": 0.9}
+    assert store.stats().weight == 0.9
+    assert ("k0", 0.2, RemovalCause.REPLACED) in events
+    assert [k for k, _, cause in events if cause is RemovalCause.EVICTED] == ["k1", "k2", "k3"]
+
+
+def test_copy_and_pickle_are_refused_rather_than_sharing_state(clock: FakeClock) -> None:
+    import copy
+    import pickle
+
+    store = make(clock)
+    store["a"] = 1
+    for attempt in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="cannot be copied or pickled"):
+            attempt(store)
+    assert store == {"a": 1}
+
+
+def test_sliding_read_on_a_clock_that_steps_back_keeps_expiry_exact(clock: FakeClock) -> None:
+    store = make(clock, ttl=10, sliding=True)
+    store["a"] = 1
+    clock.now -= 50  # an injected clock may misbehave; the deadline never moves earlier
+    assert store.get("a") == 1
+    clock.now += 60
+    assert "a" not in store
+    assert len(store) == len(list(store)) == 0
+
+
+@pytest.mark.parametrize("ttl", [10**400, -(10**400)])
+def test_ttl_beyond_float_range_is_a_value_error_naming_ttl(ttl: int) -> None:
+    with pytest.raises(ValueError, match="ttl must be a positive finite number"):
+        TTLStore(10, ttl)

@@ -819,3 +819,21 @@ def test_repr_is_short() -> None:
     sweeper = Sweeper(FakeStore(), interval=60, batch=500)
     assert repr(sweeper) == "<Sweeper stores=1 interval=60 batch=500 running=False>"
     assert repr(AsyncSweeper()) == "<AsyncSweeper stores=0 interval=60 batch=1000 running=False>"
+
+
+def test_async_stop_on_another_loop_is_refused_not_a_hang() -> None:
+    sweeper = AsyncSweeper(interval=60)
+    first = asyncio.new_event_loop()
+    try:
+
+        async def begin() -> None:
+            sweeper.start()
+
+        first.run_until_complete(begin())
+        with pytest.raises(RuntimeError, match="another event loop"):
+            asyncio.run(asyncio.wait_for(sweeper.stop(), 5))
+        assert sweeper.running
+        first.run_until_complete(sweeper.stop())
+        assert not sweeper.running
+    finally:
+        first.close()

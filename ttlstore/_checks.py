@@ -26,7 +26,12 @@ def positive_seconds(name: str, value: object, maximum: float = math.inf) -> flo
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a positive number of seconds, got {value!r}")
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond float range, e.g. 10**400
+        raise ValueError(
+            f"{name} must be a positive finite number of seconds, got {value!r}"
+        ) from None
     if not (0 < seconds < math.inf and seconds <= maximum):  # also rejects NaN
         raise ValueError(f"{name} must be a positive finite number of seconds, got {value!r}")
     return seconds

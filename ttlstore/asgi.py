@@ -181,7 +181,7 @@ def _replaying(body: bytes, receive: Receive) -> Receive:
 
 
 class _Recorder:
-    """Keeps a copy of a response as it streams by, up to ``limit`` body bytes.
+    """Keeps a copy of a response as it streams by, up to ``limit`` bytes of headers and body.
 
     The response itself is never held back: each message is forwarded as it comes. A response
     that outgrows the limit, has a status not to be stored, or uses a message the recorder
@@ -205,7 +205,13 @@ class _Recorder:
         if kind == "http.response.start":
             self.status = int(message["status"])
             self.headers = tuple((bytes(k), bytes(v)) for k, v in message.get("headers", ()))
-            if self.status not in self.statuses or message.get("trailers", False):
+            # Headers count against the limit too: a record's size is what it holds.
+            self.size = sum(len(k) + len(v) for k, v in self.headers)
+            if (
+                self.status not in self.statuses
+                or message.get("trailers", False)
+                or self.size > self.limit
+            ):
                 self._drop()
             return False
         if kind == "http.response.body":
@@ -231,6 +237,11 @@ class _Recorder:
         return StoredResponse(self.status, self.headers, b"".join(self.chunks))
 
 
+def _is_token(text: str) -> bool:
+    """Whether ``text`` is an RFC 9110 token (a method or a header field name)."""
+    return text.isascii() and _TCHARS.fullmatch(text.encode("ascii")) is not None
+
+
 def _check_statuses(statuses: object) -> frozenset[int]:
     if isinstance(statuses, (str, bytes)) or not isinstance(statuses, Iterable):
         raise TypeError(f"store_statuses must be a collection of ints, got {statuses!r}")
@@ -248,7 +259,9 @@ def _check_methods(methods: object) -> frozenset[str]:
         raise TypeError(f"methods must be a collection of method names, got {methods!r}")
     result = frozenset(methods)
     for method in result:
-        if not isinstance(method, str) or not _TCHARS.fullmatch(method.encode("latin-1")):
+        if not isinstance(method, str):
+            raise TypeError(f"methods must hold HTTP method names (str), got {method!r}")
+        if not _is_token(method):
             raise ValueError(f"methods must hold HTTP method names, got {method!r}")
     return frozenset(method.upper() for method in result)
 
@@ -259,8 +272,8 @@ class IdempotencyMiddleware:
     For the ``methods`` given, a request carrying the ``header``:
 
     * runs normally the first time; its response (status, headers, body) is stored if its
-      status is in ``store_statuses`` and its body fits ``max_response`` bytes, else the key
-      is released and a retry runs again;
+      status is in ``store_statuses`` and its headers and body fit ``max_response`` bytes,
+      else the key is released and a retry runs again;
     * with the same key and the same method, path, query and body, gets the stored response
       back, with ``Idempotent-Replayed: true``, and does not run;
     * while the first is still running: 409, ``Retry-After: 1``;
@@ -313,7 +326,9 @@ class IdempotencyMiddleware:
     ) -> None:
         if not callable(app):
             raise TypeError(f"app must be an ASGI application, got {app!r}")
-        if not isinstance(header, str) or not _TCHARS.fullmatch(header.encode("latin-1")):
+        if not isinstance(header, str):
+            raise TypeError(f"header must be a header field name (str), got {header!r}")
+        if not _is_token(header):
             raise ValueError(f"header must be a header field name, got {header!r}")
         if not isinstance(required, bool):
             raise TypeError(f"required must be a bool, got {required!r}")

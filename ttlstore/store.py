@@ -223,7 +223,7 @@ class TTLStore(MutableMapping[K, V]):
             if entry.deadline > now:
                 self._to_end(key)
                 self._hits += 1
-                if self._sliding and entry.ttl is not None:
+                if self._sliding and entry.ttl is not None and now + entry.ttl > entry.deadline:
                     entry.deadline = now + entry.ttl
                 return entry.value
             self._run(self._drop_expired, entry)
@@ -238,7 +238,7 @@ class TTLStore(MutableMapping[K, V]):
             if entry.deadline > now:
                 self._to_end(key)
                 self._hits += 1
-                if self._sliding and entry.ttl is not None:
+                if self._sliding and entry.ttl is not None and now + entry.ttl > entry.deadline:
                     entry.deadline = now + entry.ttl
                 return entry.value
             self._run(self._drop_expired, entry)
@@ -368,7 +368,8 @@ class TTLStore(MutableMapping[K, V]):
 
         Concurrent callers of a missing key wait for one factory call and share its result; if
         it raises, every one of them gets the exception and nothing is stored. A factory that
-        asks for its own key raises ``RuntimeError`` rather than deadlock.
+        asks for its own key raises ``RuntimeError`` rather than deadlock. O(1) plus the one
+        factory call; waiters block until it returns.
         """
         ttl = self._ttl if ttl is UNSET else ttl_or_none("ttl", ttl)
         found, flight, owner = self._run(self._claim, key)
@@ -433,16 +434,29 @@ class TTLStore(MutableMapping[K, V]):
         return iter(self._run(self._snapshot_keys))
 
     def keys(self) -> KeysView[K]:
-        """A view of the live keys; iteration takes a snapshot."""
+        """A view of the live keys; iteration takes a snapshot. O(1), O(n) to iterate."""
         return KeysView(self)
 
     def items(self) -> ItemsView[K, V]:
-        """A view of the live items; iteration takes a snapshot and touches no recency."""
+        """A view of the live items, iterated from a snapshot without touching recency.
+
+        O(1), O(n) to iterate; ``(k, v) in items`` is O(1).
+        """
         return _ItemsView(self)
 
     def values(self) -> ValuesView[V]:
-        """A view of the live values; iteration takes a snapshot and touches no recency."""
+        """A view of the live values, iterated from a snapshot without touching recency.
+
+        O(1), O(n) to iterate or to test membership.
+        """
         return _ValuesView(self)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # A shallow copy would share the entries, the index and the lock with this store.
+        raise TypeError(
+            "TTLStore cannot be copied or pickled; make a new store and update() it from "
+            "this one's items()"
+        )
 
     def __repr__(self) -> str:
         # Counts what is stored, due entries included: repr must not reclaim or call back.
@@ -531,11 +545,11 @@ class TTLStore(MutableMapping[K, V]):
                 self._pending.extend((entry.key, entry.value, expired) for entry in due)
         return len(due)
 
-    def _shed_weight(self, now: float, weight: float) -> None:
+    def _shed_weight(self, now: float, weight: float, replacing: bool) -> None:
         """Reclaim due entries, then evict LRU ones, until ``weight`` more fits the bound.
 
-        An entry being replaced sits at the MRU end with weight 0 by now, so it is never its
-        own victim: by the time it is the last one left, everything fits.
+        When ``replacing``, the entry being replaced sits at the MRU end with weight 0 by now
+        and must never be its own victim: once it is the only one left, everything fits.
         """
         maxweight: float = self._maxweight  # type: ignore[assignment]
         if self._weight + weight <= maxweight:
@@ -543,9 +557,11 @@ class TTLStore(MutableMapping[K, V]):
         if self._index.due(now):
             self._expire(None, now)
         data = self._data
+        last = 1 if replacing else 0
         while self._weight + weight > maxweight:
-            if not data:
-                self._weight = 0  # float residue of many additions and subtractions
+            if len(data) <= last:
+                # Only float residue of many additions and subtractions is left over.
+                self._weight = 0
                 break
             self._removed(data.popitem(False)[1], RemovalCause.EVICTED)
 
@@ -584,7 +600,7 @@ class TTLStore(MutableMapping[K, V]):
                     if self._on_remove is not None:
                         self._pending.append((victim.key, victim.value, RemovalCause.EVICTED))
             if self._weigher is not None:
-                self._shed_weight(now, weight)
+                self._shed_weight(now, weight, replacing=False)
             if ttl == self._ttl and deadline != INF and (not fifo or fifo[-1].filed <= deadline):  # type: ignore[operator]
                 # DeadlineIndex.file() written out for its common case, and the entry built
                 # without calling __init__ (30 ns of a 400 ns write).
@@ -607,7 +623,7 @@ class TTLStore(MutableMapping[K, V]):
                 # Count the new weight before making room, so the bound holds throughout.
                 self._weight -= self._weighed[key]
                 self._weighed[key] = 0
-                self._shed_weight(now, weight)
+                self._shed_weight(now, weight, replacing=True)
             old_value = entry.value
             if entry.filed is None or deadline >= entry.filed:
                 # Later deadline: update in place; the old item is re-filed when it surfaces.
@@ -647,7 +663,7 @@ class TTLStore(MutableMapping[K, V]):
         self._data.move_to_end(entry.key)
         self._hits += 1
         if self._sliding and entry.ttl is not None:
-            entry.deadline = self._clock() + entry.ttl
+            entry.deadline = max(entry.deadline, self._clock() + entry.ttl)
         return entry.value
 
     def _live(self, key: K) -> Entry[K, V] | None:
@@ -802,7 +818,9 @@ class _LockedTTLStore(TTLStore[K, V]):
                 if entry.deadline > now:
                     self._to_end(key)
                     self._hits += 1
-                    if self._sliding and entry.ttl is not None:
+                    if self._sliding and entry.ttl is not None and now + entry.ttl > entry.deadline:
+                        # Never earlier (a clock stepping back): the index item must stay due
+                        # no later than the entry.
                         entry.deadline = now + entry.ttl
                     return entry.value
                 self._drop_expired(entry)
@@ -824,7 +842,9 @@ class _LockedTTLStore(TTLStore[K, V]):
                 if entry.deadline > now:
                     self._to_end(key)
                     self._hits += 1
-                    if self._sliding and entry.ttl is not None:
+                    if self._sliding and entry.ttl is not None and now + entry.ttl > entry.deadline:
+                        # Never earlier (a clock stepping back): the index item must stay due
+                        # no later than the entry.
                         entry.deadline = now + entry.ttl
                     return entry.value
                 self._drop_expired(entry)

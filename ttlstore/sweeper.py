@@ -312,7 +312,7 @@ class Sweeper(_SweeperBase):
         return stop is not None and not stop.is_set() and thread is not None and thread.is_alive()
 
     def start(self) -> None:
-        """Start the sweeper thread; ``RuntimeError`` if it is already running."""
+        """Start the sweeper thread; ``RuntimeError`` if it is already running. O(1)."""
         with self._lifecycle:
             if self.running:
                 raise RuntimeError(f"{self!r} is already running; call stop() first")
@@ -334,7 +334,7 @@ class Sweeper(_SweeperBase):
         The thread wakes at once from its wait; mid-tick it stops after the current slice.
         Returns True once the thread has ended (also when it was not running: a no-op).
         Called from the sweeper's own thread (say, from an ``on_remove`` callback), it only
-        asks the thread to stop.
+        asks the thread to stop. Returns within one slice of ``batch`` entries.
         """
         with self._lifecycle:
             stop, thread, finalizer = self._stop, self._thread, self._finalizer
@@ -353,7 +353,8 @@ class Sweeper(_SweeperBase):
         """Run one tick now, on the calling thread; return the entries reclaimed.
 
         Works whether or not the sweeper is running. Store errors are logged and counted,
-        not raised, exactly as on the thread.
+        not raised, exactly as on the thread. O(k log n) for k due entries of a store of n, in
+        ceil(k / batch) + 1 lock holds per store.
         """
         return _sweep_on_thread(self, None)
 
@@ -452,7 +453,7 @@ class AsyncSweeper(_SweeperBase):
     def start(self) -> None:
         """Start the sweeper task on the running loop; ``RuntimeError`` if already running.
 
-        Must be called from a coroutine (or callback) of the loop that should run it.
+        Must be called from a coroutine (or callback) of the loop that should run it. O(1).
         """
         try:
             loop = asyncio.get_running_loop()
@@ -470,8 +471,20 @@ class AsyncSweeper(_SweeperBase):
         self._task, self._finalizer = task, finalizer
 
     async def stop(self) -> None:
-        """Cancel the task and wait for it to end (at most one slice); no-op if not running."""
+        """Cancel the task and wait for it to end (at most one slice); no-op if not running.
+
+        ``RuntimeError`` if awaited on another loop than the one that started a running task:
+        waiting there could never end.
+        """
         task, finalizer = self._task, self._finalizer
+        if (
+            task is not None
+            and not task.done()
+            and task.get_loop() is not asyncio.get_running_loop()
+        ):
+            raise RuntimeError(
+                f"{self!r} was started on another event loop; await stop() on that loop"
+            )
         self._task = self._finalizer = None
         if finalizer is not None:
             finalizer.detach()
@@ -489,6 +502,7 @@ class AsyncSweeper(_SweeperBase):
         """Run one tick now on this loop, yielding between slices; return the entries reclaimed.
 
         Works whether or not the sweeper is running. Store errors are logged and counted.
+        O(k log n) for k due entries of a store of n, in ceil(k / batch) + 1 slices per store.
         """
         return await _sweep_on_loop(self)
 
