@@ -85,6 +85,8 @@ def create_app(
     # Added last, so it runs first: a refused request never claims an idempotency key.
     app.add_middleware(RateLimitMiddleware, limiter=limiter, key=scope)
 
+    # The orders are the business data of the demo, not service state: a real service keeps them
+    # in its database. Only the idempotency records and buckets need bounding here.
     orders: dict[int, Order] = {}
     ids = itertools.count(1)
 
