@@ -113,32 +113,10 @@ def markdown(report: Report) -> str:
     ]
     out += _targets_table(report.get("targets") or [])
     for workload in report["workloads"]:
-        name = workload["name"]
-        out += ["", f"## {name}: {workload['title']}", ""]
-        header = ["library"]
-        for n in sizes:
-            header += [f"n = {_size(n)}", f"vs {base}"]
-        rows = []
-        skipped: dict[str, str] = {}
-        for lib in libs:
-            row = [_label(lib)]
-            for n in sizes:
-                cell = cells.get((name, lib["name"], n))
-                base_cell = cells.get((name, base, n))
-                row.append(_cell(cell))
-                ok = cell is not None and cell["status"] == "ok"
-                base_ok = base_cell is not None and base_cell["status"] == "ok"
-                row.append(
-                    _ratio(cell["median"], base_cell["median"])
-                    if ok and base_ok and cell is not None and base_cell is not None
-                    else "—"
-                )
-                if cell is not None and cell["status"] in ("skipped", "error"):
-                    skipped.setdefault(lib["name"], f"{cell['status']}: {cell['reason']}")
-            rows.append(row)
-        out += _table(header, ["---"] + ["---:"] * (2 * len(sizes)), rows)
-        if skipped:
-            out += ["", "Not run: " + "; ".join(f"`{k}` ({v})" for k, v in skipped.items()) + "."]
+        out += ["", f"## {workload['name']}: {workload['title']}", ""]
+        out += _workload_table(
+            cells, workload["name"], [(lib["name"], _label(lib)) for lib in libs], sizes, base, "n"
+        )
     memory = report.get("memory")
     if memory:
         out += _memory_table(memory, libs, base)
@@ -149,7 +127,93 @@ def markdown(report: Report) -> str:
     missing = [lib["name"] for lib in libs if lib["status"] != "ok"]
     if missing:
         out += ["", "Missing (failed to import): " + ", ".join(f"`{m}`" for m in missing) + "."]
+    limiters = report.get("limiters")
+    if limiters:
+        out += _limiter_section(limiters)
     return "\n".join(out) + "\n"
+
+
+def _workload_table(
+    cells: dict[tuple[str, str, int], dict[str, Any]],
+    workload: str,
+    libs: list[tuple[str, str]],
+    sizes: list[int],
+    base: str,
+    size_name: str,
+) -> list[str]:
+    """One row per ``(name, label)`` of ``libs``: median (min-max) and ratio to ``base``."""
+    header = ["library"]
+    for n in sizes:
+        header += [f"{size_name} = {_size(n)}", f"vs {base}"]
+    rows = []
+    skipped: dict[str, str] = {}
+    for lib, label in libs:
+        row = [label]
+        for n in sizes:
+            cell = cells.get((workload, lib, n))
+            base_cell = cells.get((workload, base, n))
+            row.append(_cell(cell))
+            ok = cell is not None and cell["status"] == "ok"
+            base_ok = base_cell is not None and base_cell["status"] == "ok"
+            row.append(
+                _ratio(cell["median"], base_cell["median"])
+                if ok and base_ok and cell is not None and base_cell is not None
+                else "—"
+            )
+            if cell is not None and cell["status"] in ("skipped", "error"):
+                skipped.setdefault(lib, f"{cell['status']}: {cell['reason']}")
+        rows.append(row)
+    out = _table(header, ["---"] + ["---:"] * (2 * len(sizes)), rows)
+    if skipped:
+        out += ["", "Not run: " + "; ".join(f"`{k}` ({v})" for k, v in skipped.items()) + "."]
+    return out
+
+
+def _limiter_section(section: dict[str, Any]) -> list[str]:
+    """The "Rate limiters" section: acquire cost per call, one table per workload."""
+    libs = section["libraries"]
+    base = section["baseline"]
+    cells = {(c["workload"], c["library"], c["n"]): c for c in section["results"]}
+    out = [
+        "",
+        "## Rate limiters",
+        "",
+        "The cost of one acquire (cost 1) per call, timed as above: median ns/op over the "
+        f"interleaved repeats (min-max in brackets); **vs {base}**: that median divided by "
+        f"`{base}`'s. Every library holds each key to the same quota, *c* requests per *p* "
+        "seconds (a token bucket of burst *c* refilled at *c*/*p* per second, or a window of "
+        "*p* seconds admitting *c*), in its in-memory storage.",
+        "",
+    ]
+    rows = []
+    for lib in libs:
+        status = "ok" if lib["status"] == "ok" else f"**missing**: {lib['error']}"
+        rows.append(
+            [
+                f"`{lib['name']}`",
+                lib["version"] or "—",
+                lib["algorithm"],
+                "yes" if lib["threadsafe"] else "no",
+                status,
+            ]
+        )
+    out += _table(
+        ["library", "version", "algorithm", "thread-safe", "status"],
+        ["---", "---", "---", "---", "---"],
+        rows,
+    )
+    labels = [(lib["name"], f"`{lib['name']}`") for lib in libs]
+    for workload in section["workloads"]:
+        out += ["", f"### {workload['name']}: {workload['title']}", ""]
+        out += _workload_table(cells, workload["name"], labels, workload["sizes"], base, "keys")
+    notes = [(lib["name"], note) for lib in libs for note in lib["notes"]]
+    if notes:
+        out += ["", "### Notes on the rate limiters", ""]
+        out += [f"- `{name}`: {note}" for name, note in notes]
+    missing = [lib["name"] for lib in libs if lib["status"] != "ok"]
+    if missing:
+        out += ["", "Missing (failed to import): " + ", ".join(f"`{m}`" for m in missing) + "."]
+    return out
 
 
 def _targets_table(rows: list[dict[str, Any]]) -> list[str]:

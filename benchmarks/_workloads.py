@@ -5,8 +5,10 @@ workload turns an adapter into a :class:`Trial` holding a prepared store; the ru
 each trial once (that run is also the warm-up) so a sample lasts about the target time, then asks
 every trial for one sample per round, round-robin across libraries.
 
-The registry :data:`WORKLOADS` is the hook for later issues: the rate-limiter ``acquire`` cost
-gets workloads with ``kind = "limiter"``, run against adapters of the same kind.
+The registry :data:`WORKLOADS` holds both kinds: ``kind = "store"`` workloads run against the
+store adapters of ``_peers.py`` at every size of the run; ``kind = "limiter"`` ones time a rate
+limiter's acquire against the adapters of ``_limiters.py``, on one key or on ``n`` keys
+(:class:`LimiterKeys`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
+from benchmarks._limiters import ROOMY, TIGHT, LimiterAdapter, Quota
 from benchmarks._peers import VALUE, Adapter, FakeClock, Loop, Unsupported
 
 #: Share of writes in the mixed workload.
@@ -136,10 +139,14 @@ class Trial(Protocol):
         """Release the store."""
 
 
+class _Closes(Protocol):
+    def close(self, store: Any) -> None: ...
+
+
 class LoopTrial:
     """A compiled loop over a key stream against one long-lived store."""
 
-    def __init__(self, adapter: Adapter, store: Any, loop: Loop, stream: Stream) -> None:
+    def __init__(self, adapter: _Closes, store: Any, loop: Loop, stream: Stream) -> None:
         self._adapter = adapter
         self._store = store
         self._loop = loop
@@ -230,8 +237,13 @@ class Workload:
     #: differ in cost needs enough of them for a sample to be representative.
     min_ops: ClassVar[int] = 0
 
-    def prepare(self, adapter: Adapter, data: KeyData) -> Trial:
-        """A trial ready to calibrate; raises :class:`Unsupported` when it does not apply."""
+    def prepare(self, adapter: Any, data: Any) -> Trial:
+        """A trial ready to calibrate; raises :class:`Unsupported` when it does not apply.
+
+        A store workload takes an :class:`~benchmarks._peers.Adapter` and :class:`KeyData`,
+        a limiter workload a :class:`~benchmarks._limiters.LimiterAdapter` and
+        :class:`LimiterKeys`.
+        """
         raise NotImplementedError
 
 
@@ -300,7 +312,135 @@ class BulkExpiry(Workload):
         return ExpiryTrial(adapter, data.present)
 
 
-#: Every workload, in table order.
+# -- rate limiters -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LimiterKeys:
+    """The keys of one limiter workload: ``n`` distinct keys, visited round-robin."""
+
+    n: int
+    keys: list[str]
+
+    @classmethod
+    def generate(cls, n: int, seed: int) -> LimiterKeys:
+        return cls(n, KeyData.present_keys(n, seed))
+
+
+def _said(allowed: bool) -> str:
+    return "allowed" if allowed else "refused"
+
+
+class LimiterTrial(LoopTrial):
+    """Acquire over a key stream against one long-lived limiter, checking the premise.
+
+    Around each timed loop, untimed: before it, ``fresh_key`` (if any) is forgotten and the
+    library's background work is stopped; after it, one more acquire must answer ``expect``
+    (otherwise the loop timed something else, and the cell says so as an error), and the
+    background work it started is stopped again, so it never runs while another library is
+    timed.
+    """
+
+    def __init__(
+        self,
+        adapter: LimiterAdapter,
+        limiter: Any,
+        stream: Stream,
+        *,
+        expect: bool,
+        fresh_key: str | None = None,
+    ) -> None:
+        super().__init__(adapter, limiter, adapter.loop(), stream)
+        self._limiter_adapter = adapter
+        self._expect = expect
+        self._fresh_key = fresh_key
+
+    def _run(self, ops: int) -> int:
+        adapter, limiter = self._limiter_adapter, self._store
+        if self._fresh_key is not None:
+            adapter.reset(limiter, self._fresh_key)
+        adapter.settle(limiter)
+        keys, _ = self._stream.take(ops)
+        elapsed = self._loop(limiter, keys, (), VALUE)
+        if adapter.allowed(limiter, keys[-1]) is not self._expect:
+            raise RuntimeError(f"an acquire meant to be {_said(self._expect)} was not")
+        adapter.settle(limiter)
+        return elapsed
+
+
+class LimiterWorkload(Workload):
+    """A rate-limiter workload: one acquire of cost 1 per operation."""
+
+    kind = "limiter"
+    plotted = False
+    #: Run at every size of the run (on ``n`` keys), or once on one key.
+    per_size: ClassVar[bool] = False
+
+    def sizes(self, sizes: Sequence[int]) -> tuple[int, ...]:
+        """The numbers of keys this workload runs on, given the sizes of the run."""
+        return tuple(sizes) if self.per_size else (1,)
+
+    def prepare(self, adapter: LimiterAdapter, data: LimiterKeys) -> Trial:
+        raise NotImplementedError
+
+
+def _made(adapter: LimiterAdapter, quota: Quota, data: LimiterKeys, expect: bool | None) -> Any:
+    """A new limiter; unless ``expect`` is None, every key acquired once, after which one
+    more acquire must answer ``expect``."""
+    limiter = adapter.make(quota, data.n)
+    try:
+        if expect is not None:
+            first = data.keys[0]
+            if not adapter.allowed(limiter, first):
+                raise RuntimeError("the first acquire of a fresh key was refused")
+            adapter.loop()(limiter, data.keys[1:], (), VALUE)
+            if adapter.allowed(limiter, first) is not expect:
+                raise RuntimeError(f"an acquire meant to be {_said(expect)} was not")
+        adapter.settle(limiter)
+    except BaseException:
+        adapter.close(limiter)
+        raise
+    return limiter
+
+
+class AcquireAllowed(LimiterWorkload):
+    name = "acquire-allowed"
+    title = (
+        f"one key, every call allowed (quota {ROOMY}: never refused, never refilled); "
+        "each sample starts from a fresh key"
+    )
+
+    def prepare(self, adapter: LimiterAdapter, data: LimiterKeys) -> Trial:
+        limiter = _made(adapter, ROOMY, data, expect=None)
+        # From a fresh key: a moving-window log grows with every allowed hit, so without the
+        # reset its cost would depend on how long the run has gone on.
+        stream = Stream(data.keys)
+        return LimiterTrial(adapter, limiter, stream, expect=True, fresh_key=data.keys[0])
+
+
+class AcquireRefused(LimiterWorkload):
+    name = "acquire-refused"
+    title = f"one key, every call refused (quota {TIGHT}, spent by a first call)"
+
+    def prepare(self, adapter: LimiterAdapter, data: LimiterKeys) -> Trial:
+        limiter = _made(adapter, TIGHT, data, expect=False)
+        return LimiterTrial(adapter, limiter, Stream(data.keys), expect=False)
+
+
+class AcquireKeys(LimiterWorkload):
+    name = "acquire-keys"
+    title = (
+        f"n keys round-robin, every call allowed (quota {ROOMY}): every library holds state "
+        "for all n keys"
+    )
+    per_size = True
+
+    def prepare(self, adapter: LimiterAdapter, data: LimiterKeys) -> Trial:
+        limiter = _made(adapter, ROOMY, data, expect=True)
+        return LimiterTrial(adapter, limiter, Stream(data.keys), expect=True)
+
+
+#: Every workload, in table order: the store workloads, then the rate-limiter ones.
 WORKLOADS: tuple[Workload, ...] = (
     GetHit(),
     GetMiss(),
@@ -308,4 +448,7 @@ WORKLOADS: tuple[Workload, ...] = (
     SetEvict(),
     Mixed(),
     BulkExpiry(),
+    AcquireAllowed(),
+    AcquireRefused(),
+    AcquireKeys(),
 )

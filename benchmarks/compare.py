@@ -4,9 +4,10 @@
 
 Times get-hit, get-miss, set-update, set-with-eviction, a mixed 80/20 zipf-like workload and bulk
 expiry for every library in :data:`benchmarks._peers.ADAPTERS`, at each size, on the same
-pre-generated keys; measures memory per entry with tracemalloc; writes ``latest.md``,
-``latest.json`` and ``latest.png`` to ``--out`` (default ``benchmarks/results``) and prints the
-Markdown. Progress goes to stderr.
+pre-generated keys; measures memory per entry with tracemalloc; times a rate limiter's acquire
+(allowed, refused, and over n keys) for every limiter in :data:`benchmarks._limiters.LIMITERS`;
+writes ``latest.md``, ``latest.json`` and ``latest.png`` to ``--out`` (default
+``benchmarks/results``) and prints the Markdown. Progress goes to stderr.
 
 Method: for each (size, workload) every library gets its own store, filled with the same keys.
 Each store is first run once to warm up and to fix how many operations one sample takes (about
@@ -30,12 +31,22 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from benchmarks import _report, _targets
+from benchmarks._limiters import LIMITER_BASELINE, LIMITERS, LimiterAdapter
 from benchmarks._memory import rss_bytes_per_entry, traced_bytes_per_entry
 from benchmarks._peers import ADAPTERS, BASELINE, EMPTY_LOOP, VALUE, Adapter, Unsupported
-from benchmarks._workloads import WORKLOADS, Budget, KeyData, Stream, Trial, Workload
+from benchmarks._workloads import (
+    WORKLOADS,
+    Budget,
+    KeyData,
+    LimiterKeys,
+    LimiterWorkload,
+    Stream,
+    Trial,
+    Workload,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -60,6 +71,8 @@ class Config:
     adapters: Sequence[Adapter] = ADAPTERS
     workloads: Sequence[Workload] = WORKLOADS
     baseline: str = BASELINE
+    limiters: Sequence[LimiterAdapter] = LIMITERS
+    limiter_baseline: str = LIMITER_BASELINE
 
     @property
     def budget(self) -> Budget:
@@ -136,17 +149,37 @@ class Progress:
         print(f"{'':{2 * len(str(self._total)) + 12}}{message}", file=self._stream, flush=True)
 
 
+class _Named(Protocol):
+    """What the runner needs of an adapter of either kind."""
+
+    @property
+    def name(self) -> str: ...
+
+    def load(self) -> None: ...
+
+
 def _describe(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def _load(adapter: Adapter) -> str | None:
+def _load(adapter: _Named) -> str | None:
     try:
         adapter.load()
     except Exception as exc:
         return _describe(exc)
     return None
+
+
+def _load_all(adapters: Sequence[_Named], log: TextIO) -> dict[str, str]:
+    """Why each adapter that does not load is missing, by name."""
+    missing: dict[str, str] = {}
+    for adapter in adapters:
+        error = _load(adapter)
+        if error is not None:
+            missing[adapter.name] = error
+            print(f"missing: {adapter.name} ({error})", file=log, flush=True)
+    return missing
 
 
 def _loop_overhead(data: KeyData, budget: Budget) -> float:
@@ -157,8 +190,8 @@ def _loop_overhead(data: KeyData, budget: Budget) -> float:
 
 def _prepare(
     workload: Workload,
-    data: KeyData,
-    adapters: Sequence[Adapter],
+    data: KeyData | LimiterKeys,
+    adapters: Sequence[_Named],
     missing: dict[str, str],
     budget: Budget,
     cells: dict[str, Cell],
@@ -208,8 +241,8 @@ def _sample_rounds(
 
 def _run_group(
     workload: Workload,
-    data: KeyData,
-    adapters: Sequence[Adapter],
+    data: KeyData | LimiterKeys,
+    adapters: Sequence[_Named],
     missing: dict[str, str],
     config: Config,
     progress: Progress,
@@ -292,14 +325,25 @@ def run(config: Config, log: TextIO = sys.stderr) -> dict[str, Any]:
     started = time.perf_counter()
     adapters = [a for a in config.adapters if a.kind == "store"]
     workloads = [w for w in config.workloads if w.kind == "store"]
-    missing: dict[str, str] = {}
-    for adapter in adapters:
-        error = _load(adapter)
-        if error is not None:
-            missing[adapter.name] = error
-            print(f"missing: {adapter.name} ({error})", file=log, flush=True)
+    limiters = [a for a in config.limiters if a.kind == "limiter"]
+    limiter_workloads = [w for w in config.workloads if isinstance(w, LimiterWorkload)]
+    missing = _load_all(adapters, log)
+    limiters_missing = _load_all(limiters, log) if limiter_workloads else {}
     memory_steps = 1 if config.memory_n else 0
-    progress = Progress(log, len(config.sizes) * len(workloads) + memory_steps)
+    limiter_steps = sum(len(w.sizes(config.sizes)) for w in limiter_workloads)
+    progress = Progress(log, len(config.sizes) * len(workloads) + limiter_steps + memory_steps)
+    width = max((len(w.name) for w in config.workloads), default=10)
+
+    def step(n: int, workload: Workload, group: list[Cell], t0: float) -> None:
+        ok = sum(cell.status == "ok" for cell in group)
+        progress.step(
+            f"n={n:<9,} {workload.name:<{width}} {ok}/{len(group)} libraries "
+            f"({time.perf_counter() - t0:.1f}s)"
+        )
+        for cell in group:
+            if cell.status == "error":
+                progress.note(f"error: {cell.library}: {cell.reason}")
+
     results: list[Cell] = []
     overhead: dict[str, float] = {}
     for n in config.sizes:
@@ -309,15 +353,16 @@ def run(config: Config, log: TextIO = sys.stderr) -> dict[str, Any]:
             t0 = time.perf_counter()
             group = _run_group(workload, data, adapters, missing, config, progress)
             results += group
-            ok = sum(cell.status == "ok" for cell in group)
-            progress.step(
-                f"n={n:<9,} {workload.name:<10} {ok}/{len(group)} libraries "
-                f"({time.perf_counter() - t0:.1f}s)"
-            )
-            for cell in group:
-                if cell.status == "error":
-                    progress.note(f"error: {cell.library}: {cell.reason}")
+            step(n, workload, group, t0)
         del data
+    limiter_results: list[Cell] = []
+    for limiter_workload in limiter_workloads:
+        for n in limiter_workload.sizes(config.sizes):
+            t0 = time.perf_counter()
+            keys = LimiterKeys.generate(n, config.seed)
+            group = _run_group(limiter_workload, keys, limiters, limiters_missing, config, progress)
+            limiter_results += group
+            step(n, limiter_workload, group, t0)
     memory: dict[str, Any] | None = None
     if config.memory_n:
         t0 = time.perf_counter()
@@ -363,9 +408,45 @@ def run(config: Config, log: TextIO = sys.stderr) -> dict[str, Any]:
         ],
         "results": [cell.to_json() for cell in results],
         "memory": memory,
+        "limiters": _limiter_report(
+            config, limiters, limiter_workloads, limiters_missing, limiter_results
+        ),
     }
     report["targets"] = _targets.check(report)
     return report
+
+
+def _limiter_report(
+    config: Config,
+    limiters: Sequence[LimiterAdapter],
+    workloads: Sequence[LimiterWorkload],
+    missing: dict[str, str],
+    results: list[Cell],
+) -> dict[str, Any] | None:
+    """The "Rate limiters" part of the report (None when no limiter workload ran)."""
+    if not workloads:
+        return None
+    return {
+        "baseline": config.limiter_baseline,
+        "libraries": [
+            {
+                "name": a.name,
+                "module": a.module,
+                "version": a.version() if a.name not in missing else None,
+                "status": "missing" if a.name in missing else "ok",
+                "error": missing.get(a.name),
+                "algorithm": a.algorithm,
+                "threadsafe": a.threadsafe,
+                "notes": list(a.notes),
+            }
+            for a in limiters
+        ],
+        "workloads": [
+            {"name": w.name, "title": w.title, "kind": w.kind, "sizes": list(w.sizes(config.sizes))}
+            for w in workloads
+        ],
+        "results": [cell.to_json() for cell in results],
+    }
 
 
 def write(report: dict[str, Any], out: Path, plot: bool, log: TextIO = sys.stderr) -> str:
@@ -383,7 +464,10 @@ def write(report: dict[str, Any], out: Path, plot: bool, log: TextIO = sys.stder
 def _parse(argv: Sequence[str]) -> Config:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.compare",
-        description="Compare ttlstore with peer TTL caches (ns/op, memory per entry).",
+        description=(
+            "Compare ttlstore with peer TTL caches (ns/op, memory per entry) and rate limiters "
+            "(ns per acquire)."
+        ),
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(

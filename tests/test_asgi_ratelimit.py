@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
+import re
 from typing import Any
 
 import http_sf
@@ -199,10 +202,81 @@ def test_default_key_is_the_peer_address() -> None:
     assert client_host({"type": "http"}) is None
 
 
+async def call(app: Any, scope: Scope) -> list[Message]:
+    """One raw ASGI request: the messages the app sent."""
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+def http_scope(**extra: Any) -> Scope:
+    scope: Scope = {"type": "http", "method": "GET", "path": "/", "headers": [], **extra}
+    return scope
+
+
+async def test_no_client_address_warns_once_per_middleware(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    limiter = TokenBucketLimiter(1, 1, clock=clock)
+    first, second = RateLimitMiddleware(hello, limiter), RateLimitMiddleware(hello, limiter)
+    with caplog.at_level(logging.WARNING, logger="ttlstore"):
+        for _ in range(3):
+            for scope in (http_scope(), http_scope(client=None)):
+                assert (await call(first, scope))[0]["status"] == 200
+        assert (await call(second, http_scope()))[0]["status"] == 200
+    warnings = [r for r in caplog.records if r.name == "ttlstore"]
+    assert [r.levelno for r in warnings] == [logging.WARNING] * 2  # one per middleware
+    message = warnings[0].getMessage()
+    assert "no client address" in message
+    assert "NOT rate limited" in message
+    assert "key=" in message
+    assert limiter.stats().allowed == limiter.stats().denied == 0
+    # With an address the default key limits as usual.
+    sent = await call(first, http_scope(client=("192.0.2.1", 1)))
+    assert sent[0]["status"] == 200
+    assert (await call(first, http_scope(client=("192.0.2.1", 1))))[0]["status"] == 429
+
+
+async def test_a_key_function_returning_none_is_not_warned_about(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    limiter = TokenBucketLimiter(1, 1, clock=clock)
+    app = RateLimitMiddleware(hello, limiter, key=forwarded_for)
+    with caplog.at_level(logging.WARNING, logger="ttlstore"):
+        assert (await call(app, http_scope()))[0]["status"] == 200
+    assert not [r for r in caplog.records if r.name == "ttlstore"]
+
+
+async def test_windows_beyond_a_structured_field_integer_still_serialise(
+    clock: FakeClock,
+) -> None:
+    limiter = TokenBucketLimiter(1e-300, 1, clock=clock)  # refills in 1e300 s
+    app = RateLimitMiddleware(hello, limiter)
+    async with client(app) as http:
+        allowed, refused = await http.get("/"), await http.get("/")
+    assert allowed.headers["ratelimit-policy"] == '"default";q=1;w=999999999999999'
+    assert allowed.headers["ratelimit"] == '"default";r=0;t=999999999999999'
+    assert refused.status_code == 429
+    assert int(refused.headers["retry-after"]) == math.ceil(1e300)
+
+
 def test_bad_configuration_fails_at_construction() -> None:
     limiter = TokenBucketLimiter(1, 1)
-    with pytest.raises(ValueError):
-        RateLimitMiddleware(hello, limiter, policy_name="caf\u00e9")
+    for name in ("caf\u00e9", "", "tab\there"):
+        with pytest.raises(ValueError, match=rf"policy_name .*{re.escape(repr(name))}"):
+            RateLimitMiddleware(hello, limiter, policy_name=name)
+    with pytest.raises(TypeError, match=r"policy_name .*5"):
+        RateLimitMiddleware(hello, limiter, policy_name=5)  # type: ignore[arg-type]
+    for flag in ("no", 1, None):
+        with pytest.raises(TypeError, match=rf"headers .*{re.escape(repr(flag))}"):
+            RateLimitMiddleware(hello, limiter, headers=flag)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="key"):
         RateLimitMiddleware(hello, limiter, key="client")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="acquire"):

@@ -12,11 +12,14 @@ from typing import Any
 import pytest
 
 from benchmarks import _targets, compare
+from benchmarks._limiters import LIMITERS, ROOMY, TIGHT, LimiterAdapter, TokenBucketSafe
 from benchmarks._memory import rss_bytes_per_entry
 from benchmarks._peers import ADAPTERS, Adapter, Op
-from benchmarks._workloads import WORKLOADS, KeyData, Stream
+from benchmarks._workloads import WORKLOADS, KeyData, LimiterWorkload, Stream, Workload
 
 N = 200
+STORE_WORKLOADS = [w for w in WORKLOADS if w.kind == "store"]
+LIMITER_WORKLOADS = [w for w in WORKLOADS if isinstance(w, LimiterWorkload)]
 
 
 class _Missing(Adapter):
@@ -25,6 +28,32 @@ class _Missing(Adapter):
     distribution = "nosuchlib"
     get_op = Op("get(k)", "get = c.get")
     set_op = Op("c[k] = v")
+
+
+class _MissingLimiter(LimiterAdapter):
+    name = "nosuchlib.Limiter"
+    module = "nosuchlib_ttlstore_test_absent"
+    distribution = "nosuchlib"
+    algorithm = "none"
+    acquire_op = Op("acquire(k)", "acquire = c.acquire")
+
+
+class _AlwaysRefuses(TokenBucketSafe):
+    """A limiter adapter whose limiter refuses everything: the workloads must notice."""
+
+    name = "ttlstore refusing"
+
+    def make(self, quota: Any, keys: int) -> Any:
+        return super().make(TIGHT, keys)
+
+    def loop(self) -> Any:
+        loop = super().loop()
+
+        def drained(c: Any, keys: Any, writes: Any, v: int) -> int:
+            c.acquire("spent")
+            return int(loop(c, keys, writes, v))
+
+        return drained
 
 
 def _tiny(out: Path, adapters: tuple[Adapter, ...]) -> compare.Config:
@@ -39,13 +68,14 @@ def _tiny(out: Path, adapters: tuple[Adapter, ...]) -> compare.Config:
         rss=False,
         out=out,
         adapters=adapters,
+        limiters=(*LIMITERS, _MissingLimiter()),
         command="test",
     )
 
 
-def _present() -> list[Adapter]:
+def _present(adapters: Any = ADAPTERS) -> list[Any]:
     present = []
-    for adapter in ADAPTERS:
+    for adapter in adapters:
         try:
             adapter.load()
         except Exception:
@@ -72,7 +102,8 @@ def test_every_library_and_workload_is_reported(
     names = [a.name for a in (*ADAPTERS, _Missing())]
     assert [lib["name"] for lib in report["libraries"]] == names
     cells = {(c["workload"], c["library"], c["n"]): c for c in report["results"]}
-    for workload in WORKLOADS:
+    assert {c["workload"] for c in report["results"]} == {w.name for w in STORE_WORKLOADS}
+    for workload in STORE_WORKLOADS:
         for name in names:
             assert (workload.name, name, N) in cells, (workload.name, name)
     errors = [c for c in report["results"] if c["status"] == "error"]
@@ -96,7 +127,7 @@ def test_missing_peer_is_reported_not_fatal(tiny_report: tuple[dict[str, Any], P
     assert lib["status"] == "missing"
     assert "ModuleNotFoundError" in lib["error"]
     mine = [c for c in report["results"] if c["library"] == _Missing.name]
-    assert len(mine) == len(WORKLOADS)
+    assert len(mine) == len(STORE_WORKLOADS)
     assert all(c["status"] == "missing" for c in mine)
     text = (out / "latest.md").read_text(encoding="utf-8")
     assert f"`{_Missing.name}`" in text
@@ -118,12 +149,93 @@ def test_present_libraries_run_their_workloads(tiny_report: tuple[dict[str, Any]
 def test_markdown_has_a_table_per_workload(tiny_report: tuple[dict[str, Any], Path]) -> None:
     _, out = tiny_report
     text = (out / "latest.md").read_text(encoding="utf-8")
-    for workload in WORKLOADS:
-        assert f"## {workload.name}:" in text
+    for workload in STORE_WORKLOADS:
+        assert f"\n## {workload.name}:" in text
     for adapter in ADAPTERS:
         assert f"`{adapter.name}`" in text
     assert "## Memory per entry" in text
     assert "†" in text  # FIFO peers are marked
+
+
+def test_rate_limiters_are_reported(tiny_report: tuple[dict[str, Any], Path]) -> None:
+    _, out = tiny_report
+    report = json.loads((out / "latest.json").read_text(encoding="utf-8"))
+    section = report["limiters"]
+    names = [a.name for a in (*LIMITERS, _MissingLimiter())]
+    assert [lib["name"] for lib in section["libraries"]] == names
+    assert section["baseline"] == "ttlstore.TokenBucketLimiter"
+    sizes = {w["name"]: w["sizes"] for w in section["workloads"]}
+    assert sizes == {"acquire-allowed": [1], "acquire-refused": [1], "acquire-keys": [N]}
+    cells = {(c["workload"], c["library"], c["n"]): c for c in section["results"]}
+    assert len(cells) == len(section["results"]) == 3 * len(names)
+    present = {a.name for a in _present(LIMITERS)}
+    assert {"ttlstore.TokenBucketLimiter", "ttlstore.TokenBucketLimiter(threadsafe=False)"} <= (
+        present
+    )
+    for (workload, name, n), cell in cells.items():
+        assert n in sizes[workload]
+        if name in present:
+            assert cell["status"] == "ok", cell
+            assert cell["min"] <= cell["median"] <= cell["max"]
+        else:
+            assert cell["status"] == "missing", cell
+    (lib,) = [lib for lib in section["libraries"] if lib["name"] == _MissingLimiter.name]
+    assert (lib["status"], lib["version"]) == ("missing", None)
+    assert "ModuleNotFoundError" in lib["error"]
+    text = (out / "latest.md").read_text(encoding="utf-8")
+    rates = text[text.index("\n## Rate limiters\n") :]
+    for workload in LIMITER_WORKLOADS:
+        assert f"\n### {workload.name}:" in rates
+    for name in names:
+        assert f"`{name}`" in rates
+    assert "keys = 1 |" in rates
+    assert f"Missing (failed to import): `{_MissingLimiter.name}`." in rates
+
+
+def test_a_limiter_that_does_not_answer_as_the_workload_says_is_an_error(
+    tmp_path: Path,
+) -> None:
+    workloads: tuple[Workload, ...] = tuple(LIMITER_WORKLOADS)
+    config = replace(
+        _tiny(tmp_path, ()),
+        workloads=workloads,
+        memory_n=None,
+        limiters=(TokenBucketSafe(), _AlwaysRefuses()),
+    )
+    log = io.StringIO()
+    report = compare.run(config, log=log)
+    status = {(c["workload"], c["library"]): c for c in report["limiters"]["results"]}
+    assert status[("acquire-refused", "ttlstore refusing")]["status"] == "ok"
+    for workload in ("acquire-allowed", "acquire-keys"):
+        assert status[(workload, "ttlstore.TokenBucketLimiter")]["status"] == "ok"
+        cell = status[(workload, "ttlstore refusing")]
+        assert cell["status"] == "error"
+        assert "allowed" in cell["reason"]
+    assert "error: ttlstore refusing" in log.getvalue()
+    assert report["results"] == [] and report["memory"] is None
+
+
+@pytest.mark.parametrize("adapter", _present(LIMITERS), ids=lambda a: a.name)
+def test_limiter_adapters_do_what_they_say(adapter: LimiterAdapter) -> None:
+    keys = KeyData.present_keys(20, seed=3)
+    roomy = adapter.make(ROOMY, len(keys))
+    try:
+        assert adapter.loop()(roomy, keys * 5, (), 1) >= 0
+        assert all(adapter.allowed(roomy, key) for key in keys)
+        adapter.reset(roomy, keys[0])
+        adapter.settle(roomy)
+    finally:
+        adapter.close(roomy)
+    tight = adapter.make(TIGHT, 1)
+    try:
+        assert adapter.allowed(tight, "client")
+        assert adapter.loop()(tight, ["client"] * 10, (), 1) >= 0
+        assert not adapter.allowed(tight, "client")
+        assert adapter.allowed(tight, "other")  # keys are independent
+        adapter.reset(tight, "client")
+        assert adapter.allowed(tight, "client")  # a reset key starts afresh
+    finally:
+        adapter.close(tight)
 
 
 def test_plot_written(tiny_report: tuple[dict[str, Any], Path]) -> None:
@@ -156,6 +268,7 @@ def test_cli_runs_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert compare.main([*argv, "--no-plot", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "## get-hit:" in printed
+    assert "## Rate limiters" in printed
     assert (tmp_path / "latest.md").read_text(encoding="utf-8") == printed
     assert json.loads((tmp_path / "latest.json").read_text(encoding="utf-8"))["memory"] is None
 

@@ -8,6 +8,7 @@ import pickle
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import FrozenInstanceError
 from decimal import Decimal
 from fractions import Fraction
@@ -20,6 +21,7 @@ from ttlstore.ratelimit import (
     Decision,
     Limit,
     LimiterStats,
+    Number,
     RateLimited,
     TokenBucketLimiter,
     rate_limited,
@@ -261,6 +263,66 @@ def test_reset_try_acquire_and_peek(ns_clock: NsClock) -> None:
     )
 
 
+class _SpyLock:
+    """A lock that reports when a thread finds it held, before that thread waits for it."""
+
+    def __init__(self, on_contended: Callable[[], None]) -> None:
+        self._inner = threading.Lock()
+        self._on_contended = on_contended
+
+    def acquire(self) -> bool:
+        if not self._inner.acquire(blocking=False):
+            self._on_contended()
+            self._inner.acquire()
+        return True
+
+    def release(self) -> None:
+        self._inner.release()
+
+
+def test_reset_racing_an_acquire_is_not_lost(
+    ns_clock: NsClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deterministic interleaving: an acquire is paused after it read the bucket and before
+    it wrote it back; a reset from another thread in that gap must wait for the write, or the
+    write would bring the forgotten debt back."""
+    limiter = TokenBucketLimiter(1, 5, clock=ns_clock)
+    limiter.acquire("k")  # in debt: the store holds the bucket
+    (store,) = limiter.stores
+    store_type = type(store)
+    real_set = store_type.set
+    paused, resume, progressed = threading.Event(), threading.Event(), threading.Event()
+
+    def set_pausing_the_acquirer(self: object, *args: object, **kwargs: object) -> None:
+        if threading.current_thread() is acquirer:
+            paused.set()
+            assert resume.wait(10)
+        real_set(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_type, "set", set_pausing_the_acquirer)
+    limiter._lock = _SpyLock(progressed.set)  # type: ignore[assignment]
+
+    def reset() -> None:
+        limiter.reset("k")
+        progressed.set()
+
+    acquirer = threading.Thread(target=limiter.acquire, args=("k",))
+    resetter = threading.Thread(target=reset)
+    acquirer.start()
+    assert paused.wait(10)  # the acquire has read the bucket and holds the limiter's lock
+    resetter.start()
+    # Either the reset finished inside the gap (the bug), or it found the lock held and now
+    # waits for the acquire to finish (the fix): no timing decides which.
+    assert progressed.wait(10)
+    resume.set()
+    acquirer.join(10)
+    resetter.join(10)
+    assert not acquirer.is_alive() and not resetter.is_alive()
+    # The reset came after the acquire's write: the bucket is full again.
+    assert limiter.peek("k").remaining == 5
+    assert "k" not in store
+
+
 def test_decision_is_frozen_and_truthy_when_allowed(ns_clock: NsClock) -> None:
     limiter = TokenBucketLimiter(1, 1, clock=ns_clock)
     allowed, refused = limiter.acquire("k"), limiter.acquire("k")
@@ -301,6 +363,64 @@ def test_bad_rate_is_named(value: object, error: type[Exception]) -> None:
     if value is not None:  # None means "use limits=" there
         with pytest.raises(error, match="rate"):
             TokenBucketLimiter(value, 1)  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize(
+    ("rate", "capacity"),
+    [
+        (5e-324, 2),  # capacity / rate overflows a float
+        (1e-300, 2),  # just past the bound
+        (Fraction(1, 10**400), 1),
+        (Decimal("1e-400"), 1),
+        (10**301, 1),  # 1 / rate underflows to zero
+        (Fraction(10**400), 1),
+    ],
+)
+def test_rates_beyond_a_float_fail_at_construction(rate: Number, capacity: int) -> None:
+    with pytest.raises(ValueError, match=rf"^rate .*{re.escape(repr(rate))}"):
+        Limit(rate, capacity)
+    with pytest.raises(ValueError, match=r"^rate "):
+        TokenBucketLimiter(rate, capacity)
+
+
+def test_extreme_rates_within_the_bounds_work(ns_clock: NsClock) -> None:
+    slow = TokenBucketLimiter(1e-300, 1, clock=ns_clock)  # a window of exactly 1e300 s
+    assert slow.acquire("k").allowed
+    refused = slow.acquire("k")
+    assert (refused.allowed, refused.retry_after, refused.reset_after) == (False, 1e300, 1e300)
+    fast = TokenBucketLimiter(1e300, 1, clock=ns_clock)
+    assert [fast.acquire("k").allowed for _ in range(2)] == [True, False]
+    ns_clock.advance(ns=1)
+    assert fast.acquire("k").allowed
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rate=st.one_of(
+        st.floats(min_value=5e-324, max_value=1.7e308, allow_nan=False, allow_infinity=False),
+        st.fractions(min_value=Fraction(1, 10**310), max_value=10**310),
+    ),
+    capacity=st.integers(1, 10**20),
+    start_ns=st.integers(0, 10**6 * NS),
+)
+def test_every_accepted_limit_answers_in_finite_floats(
+    rate: Number, capacity: int, start_ns: int
+) -> None:
+    """Either the limit is refused up front, naming the rate, or no acquire ever raises."""
+    try:
+        limit = Limit(rate, capacity)
+    except ValueError as exc:
+        assert str(exc).startswith("rate ")
+        return
+    clock = NsClock(start_ns)
+    limiter = TokenBucketLimiter(limits=[limit], clock=clock, threadsafe=False)
+    decisions = [limiter.acquire("k", capacity), limiter.acquire("k"), limiter.peek("k")]
+    clock.advance(ns=1)
+    decisions.append(limiter.acquire("k"))
+    for decision in decisions:
+        for value in (decision.retry_after, decision.reset_after, decision.refill_after):
+            assert math.isfinite(value) and value >= 0
+    assert decisions[0].allowed
 
 
 @pytest.mark.parametrize(

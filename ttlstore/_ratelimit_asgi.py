@@ -17,6 +17,7 @@ Headers follow draft-ietf-httpapi-ratelimit-headers-10, serialised as Structured
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections.abc import Callable
 
@@ -28,6 +29,12 @@ from ttlstore.ratelimit import AsyncLimiter, Decision, Limiter
 __all__ = ["RateLimitMiddleware", "client_host"]
 
 KeyFunction = Callable[[Scope], str | None]
+
+logger = logging.getLogger("ttlstore")
+
+# The largest Structured Field Integer (15 digits). A window or a wait beyond it (over 31
+# million years, which a Limit allows) is sent as this: the fields must always serialise.
+_SF_INTEGER_MAX = 999_999_999_999_999
 
 
 def client_host(scope: Scope) -> str | None:
@@ -43,7 +50,7 @@ def client_host(scope: Scope) -> str | None:
 
 def _item(name: str, **params: int) -> http_sf.ItemType:
     """A Structured Field Item: the policy name as a String, with Integer parameters."""
-    return (name, dict(params))
+    return (name, {key: min(value, _SF_INTEGER_MAX) for key, value in params.items()})
 
 
 class RateLimitMiddleware:
@@ -53,10 +60,13 @@ class RateLimitMiddleware:
     :param limiter: any :class:`~ttlstore.ratelimit.Limiter` or
         :class:`~ttlstore.ratelimit.AsyncLimiter` (whose ``acquire`` is awaited).
     :param key: ``key(scope)`` names the client's bucket; None lets the request through
-        unlimited. Default: :func:`client_host` (see there about proxies).
+        unlimited. Default: :func:`client_host` (see there about proxies). A request without
+        a client address (a Unix socket, some test clients) then passes unlimited, and a
+        warning on the ``ttlstore`` logger says so, once per middleware.
     :param headers: add ``RateLimit-Policy`` and ``RateLimit`` to every response, allowed or
         not. ``Retry-After`` is always sent with a 429.
-    :param policy_name: the policy name in those fields for a limit without a ``name``.
+    :param policy_name: the policy name in those fields for a limit without a ``name``
+        (non-empty printable ASCII: it is sent as a Structured Field String).
 
     Only ``http`` requests are limited; ``websocket`` and ``lifespan`` pass through. Each
     request costs one token.
@@ -75,11 +85,19 @@ class RateLimitMiddleware:
             raise TypeError(f"key must be callable, got {key!r}")
         if not callable(getattr(limiter, "acquire", None)):
             raise TypeError(f"limiter must have an acquire(key, cost) method, got {limiter!r}")
+        if not isinstance(headers, bool):
+            raise TypeError(f"headers must be a bool, got {headers!r}")
+        if not isinstance(policy_name, str):
+            raise TypeError(f"policy_name must be a str, got {policy_name!r}")
+        # It travels as a Structured Field String: printable ASCII only.
+        if not policy_name or not all(" " <= ch <= "~" for ch in policy_name):
+            raise ValueError(f"policy_name must be non-empty printable ASCII, got {policy_name!r}")
         self.app = app
         self.limiter = limiter
         self._key = key
-        self._headers = bool(headers)
+        self._headers = headers
         self._policy_name = policy_name
+        self._warned_no_client = False
         # The policy does not change between requests: serialise it once. This also checks
         # every name (a bad one fails here, at startup, not on the first request).
         policy: http_sf.ListType = [
@@ -97,6 +115,15 @@ class RateLimitMiddleware:
             return
         key = self._key(scope)
         if key is None:
+            if self._key is client_host and not self._warned_no_client:
+                self._warned_no_client = True
+                logger.warning(
+                    "RateLimitMiddleware: a request has no client address (scope['client'] "
+                    "is None, as behind a Unix socket), so requests without one are NOT rate "
+                    "limited; pass key= a function of the ASGI scope that names the client "
+                    "(an API key, or X-Forwarded-For set by a trusted proxy). "
+                    "Logged once per middleware."
+                )
             await self.app(scope, receive, send)
             return
         result = self.limiter.acquire(key, 1)

@@ -50,6 +50,11 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _NS = 1_000_000_000  # nanoseconds per second; an int, so that int / _NS is correctly rounded
+# Bounds on a limit's seconds per token (1 / rate) and window (capacity / rate), far beyond any
+# use: every time the limiter derives from them (retry_after, the store's TTL and deadline, in
+# float seconds) then stays a finite, non-zero float, and its integer units stay small.
+_MIN_SECONDS = Fraction(1, 10**300)
+_MAX_SECONDS = Fraction(10**300)
 
 Number: TypeAlias = float | Fraction | Decimal  # an int is accepted wherever a float is
 
@@ -105,8 +110,19 @@ class Limit:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        _exact("rate", self.rate)
-        positive_int("capacity", self.capacity)
+        rate = _exact("rate", self.rate)
+        capacity = positive_int("capacity", self.capacity)
+        if 1 / rate < _MIN_SECONDS:
+            raise ValueError(
+                f"rate must be at most 1e300 per second (the seconds per token, 1 / rate, "
+                f"must fit in a float), got {self.rate!r}"
+            )
+        if capacity / rate > _MAX_SECONDS:
+            raise ValueError(
+                f"rate must be at least capacity / 1e300 per second (the seconds an empty "
+                f"bucket takes to refill, capacity / rate, must fit in a float), got "
+                f"{self.rate!r} with capacity {capacity}"
+            )
         if self.name is not None:
             if not isinstance(self.name, str):
                 raise TypeError(f"name must be a str or None, got {self.name!r}")
@@ -412,8 +428,19 @@ class TokenBucketLimiter:
                 lock.release()
 
     def reset(self, key: Hashable) -> None:
-        """Forget ``key``'s buckets: it starts full, as a new key does. O(1)."""
-        self._store.pop(key, None)
+        """Forget ``key``'s buckets: it starts full, as a new key does. O(1).
+
+        Atomic with :meth:`acquire`: a reset never lands between an acquire's read of the
+        bucket and its write (which would bring the old debt back).
+        """
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            self._store.pop(key, None)
+        finally:
+            if lock is not None:
+                lock.release()
 
     async def wait(self, key: Hashable, cost: int = 1, timeout: float | None = None) -> Decision:
         """Acquire ``cost`` tokens, sleeping until they are there; return the decision.
