@@ -12,6 +12,8 @@ import numbers
 
 def positive_int(name: str, value: object) -> int:
     """``value`` as a positive int; ``bool`` is refused although it is an ``int``."""
+    if type(value) is int and value > 0:
+        return value  # the common case, without the slow ABC check below
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a positive int, got {value!r}")
     if value <= 0:
@@ -24,6 +26,8 @@ def positive_seconds(name: str, value: object, maximum: float = math.inf) -> flo
 
     Rejects zero, negatives, NaN, infinities and ``bool``.
     """
+    if type(value) is float and 0.0 < value <= maximum and value != math.inf:
+        return value  # the common case, without the slow ABC check below (200 ns)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a positive number of seconds, got {value!r}")
     try:

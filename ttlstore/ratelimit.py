@@ -508,6 +508,8 @@ class TokenBucketLimiter:
         are. O(limits), integers only.
         """
         buckets = self._buckets
+        if len(buckets) == 1:
+            return self._decide_one(buckets[0], state, now, cost, take)
         tats: list[int] = []
         new_tats: list[int] = []
         worst = -1  # the limit that refuses with the longest wait, if any
@@ -541,8 +543,30 @@ class TokenBucketLimiter:
         limit = buckets[best].limit
         return Decision(True, best_view[0], 0.0, best_view[1], best_view[2], limit), tuple(new_tats)
 
+    @staticmethod
+    def _decide_one(
+        bucket: _Bucket, state: BucketState | None, now: int, cost: int, take: bool
+    ) -> tuple[Decision, BucketState | None]:
+        """:meth:`_decide` for a limiter of one limit (the common case), without the lists."""
+        scaled_now = now * bucket.scale
+        tat = scaled_now if state is None or state[0] < scaled_now else state[0]
+        new_tat = tat + cost * bucket.interval
+        wait = new_tat - bucket.tolerance - scaled_now
+        if wait > 0:
+            remaining, reset_after, refill_after = bucket.view(scaled_now, tat)
+            retry_after = wait / bucket.per_second
+            refused = Decision(
+                False, remaining, retry_after, reset_after, refill_after, bucket.limit
+            )
+            return refused, None
+        remaining, reset_after, refill_after = bucket.view(scaled_now, new_tat if take else tat)
+        return Decision(True, remaining, 0.0, reset_after, refill_after, bucket.limit), (new_tat,)
+
     def _full_at(self, state: BucketState, now: int) -> int:
         """The first whole nanosecond (since the epoch) at which every bucket is full. O(limits)."""
+        buckets = self._buckets
+        if len(buckets) == 1:
+            return max(now, -(-state[0] // buckets[0].scale))
         full = now
         for tat, bucket in zip(state, self._buckets, strict=True):
             at = -(-tat // bucket.scale)  # ceil: full once now * scale >= tat
