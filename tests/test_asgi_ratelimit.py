@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import FakeClock
+from ttlstore._errors import BackendUnavailable
 from ttlstore._http import Message, Receive, Scope, Send, get_header
 from ttlstore._ratelimit_asgi import RateLimitMiddleware, client_host
 from ttlstore.ratelimit import Decision, Limit, TokenBucketLimiter
@@ -281,3 +282,24 @@ def test_bad_configuration_fails_at_construction() -> None:
         RateLimitMiddleware(hello, limiter, key="client")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="acquire"):
         RateLimitMiddleware(hello, object())  # type: ignore[arg-type]
+
+
+async def test_a_limiter_backend_fault_is_a_503_not_a_500(caplog: pytest.LogCaptureFixture) -> None:
+    class Down:
+        limits = (Limit(1, 1),)
+
+        def acquire(self, key: str, cost: int = 1) -> Decision:
+            raise BackendUnavailable("Redis failed during a rate-limit decision: timeout")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:  # pragma: no cover - not reached
+        raise AssertionError("the app must not run")
+
+    middleware = RateLimitMiddleware(app, Down(), key=lambda scope: "k")
+    transport = httpx.ASGITransport(app=middleware)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        with caplog.at_level(logging.WARNING, logger="ttlstore"):
+            response = await client.get("/")
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["retry-after"] == "1"
+    assert "Redis failed" in caplog.text

@@ -5,6 +5,7 @@ The ASGI middlewares live in :mod:`ttlstore.asgi` (extra ``asgi``) and the Redis
 beyond the standard library.
 """
 
+from ttlstore._errors import BackendUnavailable
 from ttlstore.idempotency import (
     Busy,
     BusyError,
@@ -32,6 +33,7 @@ from ttlstore.sweeper import AsyncSweeper, Sweeper, SweeperStats
 
 __all__ = [
     "AsyncSweeper",
+    "BackendUnavailable",
     "Busy",
     "BusyError",
     "Decision",

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import http_sf
 
+from ttlstore._errors import BackendUnavailable
 from ttlstore._http import ASGIApp, Headers, Message, Receive, Scope, Send, send_problem
 from ttlstore.ratelimit import AsyncLimiter, Decision, Limiter
 
@@ -126,8 +127,16 @@ class RateLimitMiddleware:
                 )
             await self.app(scope, receive, send)
             return
-        result = self.limiter.acquire(key, 1)
-        decision: Decision = await result if inspect.isawaitable(result) else result
+        try:
+            result = self.limiter.acquire(key, 1)
+            decision: Decision = await result if inspect.isawaitable(result) else result
+        except BackendUnavailable as error:
+            # A shared limiter whose on_error policy is "raise": neither allow nor refuse.
+            logger.warning("RateLimitMiddleware: %s", error)
+            await send_problem(
+                send, 503, "Rate limiter unavailable", headers=[(b"retry-after", b"1")]
+            )
+            return
         reset = math.ceil(decision.refill_after)
         fields: Headers = []
         if self._headers:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import http_sf
 
 from ttlstore._checks import positive_int
+from ttlstore._errors import BackendUnavailable
 from ttlstore._http import (
     ASGIApp,
     Message,
@@ -375,8 +376,12 @@ class IdempotencyMiddleware:
         lookup = f"{_NAMESPACE}\x00{self._tenant(scope)}\x00{key}"
         try:
             outcome = await self._store.begin(lookup, _fingerprint(scope, body))
-        except Exception:
-            logger.exception("IdempotencyMiddleware: the store failed on begin()")
+        except Exception as error:
+            if isinstance(error, BackendUnavailable):
+                # Expected while a shared backend is down: one line, not a traceback a request.
+                logger.warning("IdempotencyMiddleware: %s", error)
+            else:
+                logger.exception("IdempotencyMiddleware: the store failed on begin()")
             await send_problem(send, 503, "Idempotency store unavailable", headers=[_RETRY_AFTER])
             return
         if isinstance(outcome, Started):

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
-from typing import Any, ParamSpec, Protocol, TypeAlias, TypeVar, cast, overload
+from typing import Any, NamedTuple, ParamSpec, Protocol, TypeAlias, TypeVar, cast, overload
 
 from ttlstore._checks import positive_int
 from ttlstore.store import TTLStore
@@ -145,13 +145,13 @@ class Limit:
         return self.capacity / _exact("rate", self.rate)
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """The answer to one request: allowed or not, and the state of the binding limit.
 
     With several limits, ``limit`` is the most restrictive one: on a refusal the one that
     needs the longest wait, otherwise the one with the fewest tokens left (the first listed on
-    a tie); the other fields describe that limit. Truthy exactly when ``allowed``.
+    a tie); the other fields describe that limit. Truthy exactly when ``allowed``. Immutable;
+    a named tuple, because building a frozen dataclass cost a sixth of an ``acquire``.
     """
 
     allowed: bool
@@ -164,6 +164,9 @@ class Decision:
     refill_after: float
     """Seconds until ``remaining`` next grows by one (0.0 if the bucket is full)."""
     limit: Limit
+    degraded: str | None = None
+    """Why the decision was taken without the backend (a Redis limiter's ``on_error``
+    policy answered for it); ``None`` for a real decision."""
 
     def __bool__(self) -> bool:
         return self.allowed

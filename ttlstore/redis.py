@@ -36,7 +36,8 @@ adds for the same logical key lands in the same Redis Cluster slot:
 
 **Failures.** Every Redis or socket error, timeouts included, is a fault. The limiter follows
 ``on_error``: ``"allow"`` (the default: fail open) and ``"deny"`` return a
-:class:`DegradedDecision`; ``"raise"`` raises :class:`BackendUnavailable`. Faults are logged on
+:class:`~ttlstore.ratelimit.Decision` whose ``degraded`` describes the fault; ``"raise"`` raises
+:class:`BackendUnavailable`. Faults are logged on
 logger ``ttlstore``, at most once per 10 s per instance with a count. The idempotency store
 always raises :class:`BackendUnavailable`, which ``IdempotencyMiddleware`` answers with 503.
 How long a fault takes to surface is the client's business: give it bounded timeouts and few
@@ -64,7 +65,6 @@ import secrets
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar, cast, overload
 
 try:
@@ -81,6 +81,7 @@ except ImportError as error:  # the extra is missing
     ) from error
 
 from ttlstore._checks import positive_seconds
+from ttlstore._errors import BackendUnavailable
 from ttlstore.idempotency import (
     InProgress,
     Mismatch,
@@ -108,7 +109,6 @@ __all__ = [
     "AsyncRedisTokenBucketLimiter",
     "BackendUnavailable",
     "Codec",
-    "DegradedDecision",
     "JsonCodec",
     "OnError",
     "PickleCodec",
@@ -130,25 +130,6 @@ _NS = 1_000_000_000
 _DEGRADED_WAIT = 1.0  # seconds a degraded refusal asks the client to wait
 _FAULT_LOG_INTERVAL = 10.0
 _FAILURES = (RedisError, OSError)  # redis-py wraps socket errors; OSError for the odd one out
-
-
-class BackendUnavailable(Exception):
-    """Redis failed or did not answer in time; whether the operation took effect is unknown.
-
-    The original error is the ``__cause__``.
-    """
-
-
-@dataclass(frozen=True, slots=True)
-class DegradedDecision(Decision):
-    """A decision taken without Redis, by the limiter's ``on_error`` policy.
-
-    ``"allow"`` describes a fresh bucket (``remaining = capacity - cost``); ``"deny"`` an empty
-    one that may be asked again in 1 s. ``error`` describes the failure.
-    """
-
-    degraded: bool = True
-    error: str = ""
 
 
 # ====================================================================== shared plumbing
@@ -512,11 +493,11 @@ class _Limiter(_Connected[C, S]):
             ) from error
         limit = self._model.limits[0]
         if policy == "allow":
-            return DegradedDecision(
-                True, limit.capacity - cost, 0.0, 0.0, 0.0, limit, error=_describe(error)
+            return Decision(
+                True, limit.capacity - cost, 0.0, 0.0, 0.0, limit, degraded=_describe(error)
             )
         wait = _DEGRADED_WAIT
-        return DegradedDecision(False, 0, wait, wait, wait, limit, error=_describe(error))
+        return Decision(False, 0, wait, wait, wait, limit, degraded=_describe(error))
 
     # ------------------------------------------------------------------ introspection
 
@@ -562,8 +543,8 @@ class RedisTokenBucketLimiter(_Limiter[redis.Redis, Script]):
 
     :param client: a ``redis.Redis`` with bounded ``socket_timeout``/``socket_connect_timeout``.
     :param prefix: the first part of every key (no braces).
-    :param on_error: on a Redis fault, ``"allow"`` or ``"deny"`` (a :class:`DegradedDecision`,
-        logged) or ``"raise"`` (:class:`BackendUnavailable`).
+    :param on_error: on a Redis fault, ``"allow"`` or ``"deny"`` (a decision whose
+        ``degraded`` describes the fault, logged) or ``"raise"`` (:class:`BackendUnavailable`).
 
     Each call is one round trip; there is no ``maxsize``: Redis holds only buckets in debt,
     each expiring when full again.
