@@ -130,7 +130,23 @@ def markdown(report: Report) -> str:
     limiters = report.get("limiters")
     if limiters:
         out += _limiter_section(limiters)
+    out += _redis_section(report.get("redis"))
     return "\n".join(out) + "\n"
+
+
+def _redis_section(redis: dict[str, Any] | None) -> list[str]:
+    """The "Redis round trips" section: one row per case, or why it was skipped."""
+    if redis is None:
+        return []
+    out = ["", "## Redis round trips (loopback redis-server)", ""]
+    if redis["status"] != "ok":
+        return [*out, f"Not measured ({redis['status']})."]
+    out += ["| case | calls/s | µs/call |", "|---|---:|---:|"]
+    out += [
+        f"| {row['case']} | {row['calls_per_second']:,.0f} | {row['us_per_call']:.1f} |"
+        for row in redis["rows"]
+    ]
+    return out
 
 
 def _workload_table(

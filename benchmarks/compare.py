@@ -21,10 +21,12 @@ the rounds, with its min and max.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -73,6 +75,8 @@ class Config:
     baseline: str = BASELINE
     limiters: Sequence[LimiterAdapter] = LIMITERS
     limiter_baseline: str = LIMITER_BASELINE
+    #: Seconds per case of the Redis round-trip measurement (0: skip it).
+    redis_seconds: float = 1.0
 
     @property
     def budget(self) -> Budget:
@@ -80,7 +84,13 @@ class Config:
 
 
 QUICK = Config(
-    sizes=(1_000, 10_000), repeats=5, target_ms=10.0, min_ops=8, max_ops=100_000, mode="quick"
+    sizes=(1_000, 10_000),
+    repeats=5,
+    target_ms=10.0,
+    min_ops=8,
+    max_ops=100_000,
+    mode="quick",
+    redis_seconds=0.3,
 )
 DEFAULT = Config()
 FULL = Config(sizes=(1_000, 100_000, 1_000_000), repeats=5, mode="full")
@@ -412,8 +422,33 @@ def run(config: Config, log: TextIO = sys.stderr) -> dict[str, Any]:
             config, limiters, limiter_workloads, limiters_missing, limiter_results
         ),
     }
+    report["redis"] = _redis_round_trips(config.redis_seconds, log)
     report["targets"] = _targets.check(report)
     return report
+
+
+def _redis_round_trips(seconds: float, log: TextIO) -> dict[str, Any] | None:
+    """Round trips per second of the Redis backends (and ``limits``' Redis storage), measured
+    against a loopback ``redis-server`` started here; None, with a note, if there is none."""
+    if not seconds:
+        return None
+    binary = shutil.which("redis-server")
+    if binary is None:
+        print("redis round trips: skipped (no redis-server on PATH)", file=log)
+        return {"status": "skipped: no redis-server on PATH", "rows": []}
+    try:
+        from benchmarks import bench_redis
+        from tests._redis_fixture import RedisServer
+    except ImportError as error:  # redis-py missing: the bench extra brings it
+        print(f"redis round trips: skipped ({error})", file=log)
+        return {"status": f"skipped: {error}", "rows": []}
+    server = RedisServer(binary).start()
+    try:
+        rows = bench_redis.measure(server.url, seconds)
+    finally:
+        server.close()
+    print(f"redis round trips: {len(rows)} cases measured", file=log)
+    return {"status": "ok", "rows": [dataclasses.asdict(row) for row in rows]}
 
 
 def _limiter_report(
@@ -480,6 +515,12 @@ def _parse(argv: Sequence[str]) -> Config:
     parser.add_argument(
         "--memory-n", type=int, metavar="N", help="size of the memory measurement (0: skip it)"
     )
+    parser.add_argument(
+        "--redis-seconds",
+        type=float,
+        metavar="S",
+        help="budget per Redis round-trip case (0: skip; needs redis-server on PATH)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory")
     parser.add_argument(
         "--no-rss", action="store_true", help="skip the resident-set measurement (child processes)"
@@ -503,6 +544,10 @@ def _parse(argv: Sequence[str]) -> Config:
         changes["repeats"] = args.repeats
     if args.target_ms is not None:
         changes["target_ms"] = args.target_ms
+    if args.redis_seconds is not None:
+        if args.redis_seconds < 0:
+            parser.error("--redis-seconds must not be negative")
+        changes["redis_seconds"] = args.redis_seconds
     if args.memory_n is not None:
         changes["memory_n"] = args.memory_n or None
     return replace(config, **changes)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,7 @@ def _tiny(out: Path, adapters: tuple[Adapter, ...]) -> compare.Config:
         out=out,
         adapters=adapters,
         limiters=(*LIMITERS, _MissingLimiter()),
+        redis_seconds=0.02,
         command="test",
     )
 
@@ -192,6 +195,25 @@ def test_rate_limiters_are_reported(tiny_report: tuple[dict[str, Any], Path]) ->
     assert f"Missing (failed to import): `{_MissingLimiter.name}`." in rates
 
 
+def test_redis_round_trips_are_reported_or_said_to_be_skipped(
+    tiny_report: tuple[dict[str, Any], Path],
+) -> None:
+    _, out = tiny_report
+    redis = json.loads((out / "latest.json").read_text(encoding="utf-8"))["redis"]
+    text = (out / "latest.md").read_text(encoding="utf-8")
+    assert "\n## Redis round trips (loopback redis-server)\n" in text
+    if shutil.which("redis-server") is None and os.environ.get("CI") != "true":
+        assert redis["status"].startswith("skipped") and "Not measured" in text
+        return
+    assert redis["status"] == "ok"
+    cases = [row["case"] for row in redis["rows"]]
+    assert any("RedisTokenBucketLimiter.acquire" in case for case in cases)
+    assert any(case.startswith("limits ") for case in cases)
+    assert all(row["calls_per_second"] > 0 for row in redis["rows"])
+    for case in cases:
+        assert f"| {case} |" in text
+
+
 def test_a_limiter_that_does_not_answer_as_the_workload_says_is_an_error(
     tmp_path: Path,
 ) -> None:
@@ -265,6 +287,7 @@ def test_adapter_loops_do_what_they_say(adapter: Adapter) -> None:
 
 def test_cli_runs_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--sizes", "100", "--repeats", "1", "--target-ms", "0.2", "--memory-n", "0"]
+    argv += ["--redis-seconds", "0"]
     assert compare.main([*argv, "--no-plot", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "## get-hit:" in printed
