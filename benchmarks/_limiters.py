@@ -20,11 +20,10 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
-import platform
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from benchmarks._peers import Loop, Op, compile_loop
+from benchmarks._peers import Library, Loop, Op, compile_loop
 
 
 @dataclass(frozen=True)
@@ -46,15 +45,10 @@ ROOMY = Quota(10**9, 10**9)
 TIGHT = Quota(1, 3600)
 
 
-class LimiterAdapter:
+class LimiterAdapter(Library):
     """How to drive one rate limiter. Subclasses set the class attributes and the methods."""
 
     kind: ClassVar[str] = "limiter"
-    name: ClassVar[str]
-    #: Module imported to decide whether the library is present.
-    module: ClassVar[str]
-    #: Distribution whose version is reported (``None``: the Python version).
-    distribution: ClassVar[str | None] = None
     #: The algorithm, as the table shows it.
     algorithm: ClassVar[str]
     #: Whether one instance may be shared by threads without an external lock.
@@ -66,18 +60,6 @@ class LimiterAdapter:
 
     def __init__(self) -> None:
         self._loop: Loop | None = None
-
-    def load(self) -> None:
-        """Import the library; raises (any exception) when it is missing, too old or broken."""
-        importlib.import_module(self.module)
-
-    def version(self) -> str:
-        if self.distribution is None:
-            return platform.python_version()
-        try:
-            return importlib.metadata.version(self.distribution)
-        except importlib.metadata.PackageNotFoundError:
-            return "unknown"
 
     def make(self, quota: Quota, keys: int) -> Any:
         """A limiter holding every key to ``quota``, with room for ``keys`` keys at once."""

@@ -124,15 +124,33 @@ def compile_loop(name: str, body: Op, other: Op | None = None) -> Loop:
 EMPTY_LOOP: Loop = compile_loop("empty", Op("pass"))
 
 
-class Adapter:
-    """How to drive one library. Subclasses set the class attributes and :meth:`make`."""
+class Library:
+    """A library in the comparison: how to tell that it is present, and its version."""
 
-    kind: ClassVar[str] = "store"
+    kind: ClassVar[str]
     name: ClassVar[str]
     #: Module imported to decide whether the library is present.
     module: ClassVar[str]
     #: Distribution whose version is reported (``None``: the Python version).
     distribution: ClassVar[str | None] = None
+
+    def load(self) -> None:
+        """Import the library; raises (any exception) when it is missing, too old or broken."""
+        importlib.import_module(self.module)
+
+    def version(self) -> str:
+        if self.distribution is None:
+            return platform.python_version()
+        try:
+            return importlib.metadata.version(self.distribution)
+        except importlib.metadata.PackageNotFoundError:
+            return "unknown"
+
+
+class Adapter(Library):
+    """How to drive one library. Subclasses set the class attributes and :meth:`make`."""
+
+    kind: ClassVar[str] = "store"
     #: Eviction policy, as the table shows it.
     policy: ClassVar[str] = "LRU"
     #: False when a read does not refresh recency (FIFO-like eviction): marked in the table.
@@ -156,19 +174,6 @@ class Adapter:
 
     def __init__(self) -> None:
         self._loops: dict[str, Loop] = {}
-
-    # -- presence -------------------------------------------------------------------------------
-    def load(self) -> None:
-        """Import the library; raises (any exception) when it is missing or broken."""
-        importlib.import_module(self.module)
-
-    def version(self) -> str:
-        if self.distribution is None:
-            return platform.python_version()
-        try:
-            return importlib.metadata.version(self.distribution)
-        except importlib.metadata.PackageNotFoundError:
-            return "unknown"
 
     # -- the store ------------------------------------------------------------------------------
     def make(self, maxsize: int, ttl: float = TTL, clock: Clock | None = None) -> Any:

@@ -38,7 +38,15 @@ from typing import Any, Protocol, TextIO
 from benchmarks import _report, _targets
 from benchmarks._limiters import LIMITER_BASELINE, LIMITERS, LimiterAdapter
 from benchmarks._memory import rss_bytes_per_entry, traced_bytes_per_entry
-from benchmarks._peers import ADAPTERS, BASELINE, EMPTY_LOOP, VALUE, Adapter, Unsupported
+from benchmarks._peers import (
+    ADAPTERS,
+    BASELINE,
+    EMPTY_LOOP,
+    VALUE,
+    Adapter,
+    Library,
+    Unsupported,
+)
 from benchmarks._workloads import (
     WORKLOADS,
     Budget,
@@ -396,11 +404,7 @@ def run(config: Config, log: TextIO = sys.stderr) -> dict[str, Any]:
         "baseline": config.baseline,
         "libraries": [
             {
-                "name": a.name,
-                "module": a.module,
-                "version": a.version() if a.name not in missing else None,
-                "status": "missing" if a.name in missing else "ok",
-                "error": missing.get(a.name),
+                **_presence(a, missing),
                 "policy": a.policy,
                 "read_refreshes": a.read_refreshes,
                 "threadsafe": a.threadsafe,
@@ -451,6 +455,17 @@ def _redis_round_trips(seconds: float, log: TextIO) -> dict[str, Any] | None:
     return {"status": "ok", "rows": [dataclasses.asdict(row) for row in rows]}
 
 
+def _presence(library: Library, missing: dict[str, str]) -> dict[str, Any]:
+    """What the report says of any library: name, module, version, and whether it loaded."""
+    return {
+        "name": library.name,
+        "module": library.module,
+        "version": library.version() if library.name not in missing else None,
+        "status": "missing" if library.name in missing else "ok",
+        "error": missing.get(library.name),
+    }
+
+
 def _limiter_report(
     config: Config,
     limiters: Sequence[LimiterAdapter],
@@ -465,11 +480,7 @@ def _limiter_report(
         "baseline": config.limiter_baseline,
         "libraries": [
             {
-                "name": a.name,
-                "module": a.module,
-                "version": a.version() if a.name not in missing else None,
-                "status": "missing" if a.name in missing else "ok",
-                "error": missing.get(a.name),
+                **_presence(a, missing),
                 "algorithm": a.algorithm,
                 "threadsafe": a.threadsafe,
                 "notes": list(a.notes),

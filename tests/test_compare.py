@@ -192,7 +192,10 @@ def test_rate_limiters_are_reported(tiny_report: tuple[dict[str, Any], Path]) ->
     for name in names:
         assert f"`{name}`" in rates
     assert "keys = 1 |" in rates
-    assert f"Missing (failed to import): `{_MissingLimiter.name}`." in rates
+    # Without the bench extra, real peers are missing too: the line lists them all.
+    missing_line = next(line for line in rates.splitlines() if line.startswith("Missing"))
+    assert missing_line.startswith("Missing (failed to import): ")
+    assert f"`{_MissingLimiter.name}`" in missing_line
 
 
 def test_redis_round_trips_are_reported_or_said_to_be_skipped(
@@ -208,7 +211,8 @@ def test_redis_round_trips_are_reported_or_said_to_be_skipped(
     assert redis["status"] == "ok"
     cases = [row["case"] for row in redis["rows"]]
     assert any("RedisTokenBucketLimiter.acquire" in case for case in cases)
-    assert any(case.startswith("limits ") for case in cases)
+    if importlib.util.find_spec("limits") is not None:  # only with the bench extra
+        assert any(case.startswith("limits ") for case in cases)
     assert all(row["calls_per_second"] > 0 for row in redis["rows"])
     for case in cases:
         assert f"| {case} |" in text
