@@ -289,17 +289,18 @@ def test_reset_racing_an_acquire_is_not_lost(
     limiter.acquire("k")  # in debt: the store holds the bucket
     (store,) = limiter.stores
     store_type = type(store)
-    real_set = store_type.set
+    real_set = store_type._set
     paused, resume, progressed = threading.Event(), threading.Event(), threading.Event()
 
-    def set_pausing_the_acquirer(self: object, *args: object, **kwargs: object) -> None:
+    def set_pausing_the_acquirer(self: object, *args: object) -> bool:
         if threading.current_thread() is acquirer:
             paused.set()
             assert resume.wait(10)
-        real_set(self, *args, **kwargs)  # type: ignore[arg-type]
+        return real_set(self, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(store_type, "set", set_pausing_the_acquirer)
-    limiter._lock = _SpyLock(progressed.set)  # type: ignore[assignment]
+    monkeypatch.setattr(store_type, "_set", set_pausing_the_acquirer)
+    # The limiter decides under the store's own lock: spy on that one.
+    store._lock = _SpyLock(progressed.set)  # type: ignore[assignment]
 
     def reset() -> None:
         limiter.reset("k")
@@ -308,7 +309,7 @@ def test_reset_racing_an_acquire_is_not_lost(
     acquirer = threading.Thread(target=limiter.acquire, args=("k",))
     resetter = threading.Thread(target=reset)
     acquirer.start()
-    assert paused.wait(10)  # the acquire has read the bucket and holds the limiter's lock
+    assert paused.wait(10)  # the acquire has read the bucket and holds the lock
     resetter.start()
     # Either the reset finished inside the gap (the bug), or it found the lock held and now
     # waits for the acquire to finish (the fix): no timing decides which.

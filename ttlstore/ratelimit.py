@@ -24,7 +24,6 @@ import functools
 import inspect
 import math
 import numbers
-import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
@@ -308,7 +307,6 @@ class TokenBucketLimiter:
         "_buckets",
         "_denied",
         "_epoch",
-        "_lock",
         "_max_cost",
         "_now",
         "_store",
@@ -375,7 +373,6 @@ class TokenBucketLimiter:
         self._store: TTLStore[Hashable, BucketState] = TTLStore(
             maxsize, clock=store_clock, threadsafe=threadsafe
         )
-        self._lock = threading.Lock() if threadsafe else None
         self._allowed = 0
         self._denied = 0
 
@@ -388,27 +385,7 @@ class TokenBucketLimiter:
         O(limits) plus one store read and, if allowed, one store write.
         """
         cost = self._check_cost(cost)
-        lock = self._lock
-        if lock is not None:
-            lock.acquire()
-        try:
-            # A read (not peek) also for refusals: a client that keeps knocking stays recent,
-            # so a flood of new keys evicts idle buckets before an active abuser's.
-            state = self._store.get(key)
-            # Read the clock after the store did: an entry the store found expired is then
-            # certainly full at ``now`` too.
-            now = self._now() - self._epoch
-            decision, new_state = self._decide(state, now, cost)
-            if new_state is None:
-                self._denied += 1
-            else:
-                ttl = _ttl_until(now, self._full_at(new_state, now))
-                self._store.set(key, new_state, ttl=ttl)
-                self._allowed += 1
-            return decision
-        finally:
-            if lock is not None:
-                lock.release()
+        return self._store._run(self._acquire, key, cost)
 
     def try_acquire(self, key: Hashable, cost: int = 1) -> bool:
         """Whether ``cost`` tokens were taken from ``key``, as :meth:`acquire` does. O(limits)."""
@@ -420,30 +397,15 @@ class TokenBucketLimiter:
         ``remaining`` counts the tokens held now, before any deduction. O(limits).
         """
         cost = self._check_cost(cost)
-        lock = self._lock
-        if lock is not None:
-            lock.acquire()
-        try:
-            state = self._store.peek(key)
-            return self._decide(state, self._now() - self._epoch, cost, take=False)[0]
-        finally:
-            if lock is not None:
-                lock.release()
+        return self._store._run(self._peek, key, cost)
 
     def reset(self, key: Hashable) -> None:
         """Forget ``key``'s buckets: it starts full, as a new key does. O(1).
 
-        Atomic with :meth:`acquire`: a reset never lands between an acquire's read of the
-        bucket and its write (which would bring the old debt back).
+        Atomic with :meth:`acquire` (both hold the store's lock): a reset never lands between
+        an acquire's read of the bucket and its write, which would bring the old debt back.
         """
-        lock = self._lock
-        if lock is not None:
-            lock.acquire()
-        try:
-            self._store.pop(key, None)
-        finally:
-            if lock is not None:
-                lock.release()
+        self._store.pop(key, None)
 
     async def wait(self, key: Hashable, cost: int = 1, timeout: float | None = None) -> Decision:
         """Acquire ``cost`` tokens, sleeping until they are there; return the decision.
@@ -488,6 +450,35 @@ class TokenBucketLimiter:
         return f"<TokenBucketLimiter limits=[{limits}] maxsize={self._store.maxsize}>"
 
     # ------------------------------------------------------------------ plumbing
+
+    # The read-decide-write of a request runs as one step under the store's own lock (one
+    # lock, not the three that a limiter lock around store.get and store.set would take), on
+    # the store's unlocked internals: a contract between two modules of this package.
+
+    def _acquire(self, key: Hashable, cost: int) -> Decision:
+        """:meth:`acquire` under the store's lock."""
+        store = self._store
+        # A read (not peek) also for refusals: a client that keeps knocking stays recent, so a
+        # flood of new keys evicts idle buckets before an active abuser's.
+        entry = store._live(key)
+        state = None if entry is None else store._hit(entry)
+        # Read the clock after the store did: an entry the store found expired is then
+        # certainly full at ``now`` too.
+        now = self._now() - self._epoch
+        decision, new_state = self._decide(state, now, cost)
+        if new_state is None:
+            self._denied += 1
+        else:
+            ttl = _ttl_until(now, self._full_at(new_state, now))
+            store._set(key, new_state, ttl, 0, False)
+            self._allowed += 1
+        return decision
+
+    def _peek(self, key: Hashable, cost: int) -> Decision:
+        """:meth:`peek` under the store's lock."""
+        entry = self._store._live(key)
+        state = None if entry is None else entry.value
+        return self._decide(state, self._now() - self._epoch, cost, take=False)[0]
 
     def _check_cost(self, cost: object) -> int:
         """``cost`` as a positive int that every limit can grant, else TypeError/ValueError."""
