@@ -303,3 +303,24 @@ async def test_a_limiter_backend_fault_is_a_503_not_a_500(caplog: pytest.LogCapt
     assert response.headers["content-type"] == "application/problem+json"
     assert response.headers["retry-after"] == "1"
     assert "Redis failed" in caplog.text
+
+
+async def test_a_degraded_decision_advertises_no_bucket_state() -> None:
+    limit = Limit(1, 5)
+
+    class Degraded:
+        limits = (limit,)
+
+        def acquire(self, key: str, cost: int = 1) -> Decision:
+            return Decision(True, 4, 0.0, 0.0, 0.0, limit, degraded="TimeoutError: no answer")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = RateLimitMiddleware(app, Degraded(), key=lambda scope: "k")
+    transport = httpx.ASGITransport(app=middleware)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.get("/")
+    assert response.status_code == 200
+    assert "ratelimit" not in response.headers and "ratelimit-policy" not in response.headers

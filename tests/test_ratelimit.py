@@ -756,3 +756,14 @@ def test_unlocked_limiter_behaves_the_same(ns_clock: NsClock) -> None:
     limiter = TokenBucketLimiter(1, 2, clock=ns_clock, threadsafe=False)
     assert [limiter.try_acquire("k") for _ in range(3)] == [True, True, False]
     assert "threadsafe=False" in repr(limiter.stores[0])
+
+
+def test_the_store_counts_a_miss_for_each_new_bucket(ns_clock: NsClock) -> None:
+    limiter = TokenBucketLimiter(1, 5, clock=ns_clock)
+    for _ in range(3):
+        limiter.acquire("a")
+    limiter.acquire("b")
+    (store,) = limiter.stores
+    stats = store.stats()
+    assert (stats.hits, stats.misses) == (2, 2)
+    assert limiter.stats().allowed == 4

@@ -765,3 +765,28 @@ def test_faults_are_logged_at_most_once_per_interval_and_service_recovers(
         assert limiter.acquire("other").remaining == 4
     finally:
         limiter.client.close()
+
+
+def test_braces_in_a_key_are_escaped_so_the_whole_key_is_the_hash_tag(admin: Any) -> None:
+    p = prefix()
+    limiter = RedisTokenBucketLimiter(admin, SLOW, 5, prefix=p)
+    for key in ("a}b", "{x}", "a{b", "a\\(b"):
+        assert limiter.acquire(key).remaining == 4  # four distinct buckets, none shared
+    names = {name.decode() for name in admin.scan_iter(match=f"{p}:*")}
+    assert names == {
+        f"{p}:{{a\\)b}}:bucket",
+        f"{p}:{{\\(x\\)}}:bucket",
+        f"{p}:{{a\\(b}}:bucket",
+        f"{p}:{{a\\\\(b}}:bucket",
+    }
+    # The tag is the whole escaped key, not the part before its first closing brace.
+    assert redis.crc.key_slot(f"{p}:{{a\\)b}}:bucket".encode()) == redis.crc.key_slot(b"a\\)b")
+
+
+def test_a_permanent_error_reply_is_raised_not_failed_open(admin: Any) -> None:
+    p = prefix()
+    limiter = RedisTokenBucketLimiter(admin, SLOW, 5, prefix=p, on_error="allow")
+    admin.set(f"{p}:{{wrong}}:bucket", "not a hash")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        limiter.acquire("wrong")
+    assert limiter.acquire("right").degraded is None

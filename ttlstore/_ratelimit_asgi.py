@@ -139,7 +139,9 @@ class RateLimitMiddleware:
             return
         reset = math.ceil(decision.refill_after)
         fields: Headers = []
-        if self._headers:
+        # A degraded decision (a shared limiter's on_error policy answered without its
+        # backend) knows nothing of the bucket: advertise no state it does not have.
+        if self._headers and decision.degraded is None:
             item = _item(self._name(decision.limit.name), r=decision.remaining, t=reset)
             fields = [self._policy_field, (b"ratelimit", http_sf.ser([item]).encode("ascii"))]
         if not decision.allowed:

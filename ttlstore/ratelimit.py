@@ -261,7 +261,9 @@ def _ttl_until(now: int, full: int) -> float:
     the difference below is exact (Sterbenz) and so is that sum. Otherwise the sum may round
     an ulp off ``full_s``; then ``ttl >= full_s / 2``, so one ulp step of ``ttl`` moves the sum
     by at most one ulp of ``full_s`` and a step or two lands on it. Early would forgive debt,
-    late would keep a full bucket: if the exact float cannot be hit, settle for late.
+    late would keep a full bucket: if the exact float cannot be hit, settle for late. (The
+    store reads its clock again when it writes, so with a running clock the deadline lands
+    the few microseconds of one call later: late, never early.)
     """
     now_s = now / _NS
     full_s = full / _NS
@@ -435,7 +437,12 @@ class TokenBucketLimiter:
 
     def stats(self) -> LimiterStats:
         """An immutable snapshot of the counters, after reclaiming full buckets. O(1) amortized."""
-        store = self._store.stats()
+        self._store._reclaim_backlog()
+        return self._store._run(self._stats)
+
+    def _stats(self) -> LimiterStats:
+        """:meth:`stats` under the store's lock: one instant for every field."""
+        store = self._store._stats()
         return LimiterStats(
             allowed=self._allowed,
             denied=self._denied,
@@ -461,7 +468,11 @@ class TokenBucketLimiter:
         # A read (not peek) also for refusals: a client that keeps knocking stays recent, so a
         # flood of new keys evicts idle buckets before an active abuser's.
         entry = store._live(key)
-        state = None if entry is None else store._hit(entry)
+        if entry is None:
+            store._misses += 1  # as store.get() would count it
+            state = None
+        else:
+            state = store._hit(entry)
         # Read the clock after the store did: an entry the store found expired is then
         # certainly full at ``now`` too.
         now = self._now() - self._epoch

@@ -74,7 +74,7 @@ try:
     import redis.retry
     from redis.backoff import NoBackoff
     from redis.commands.core import AsyncScript, Script
-    from redis.exceptions import RedisError
+    from redis.exceptions import RedisError, ResponseError
 except ImportError as error:  # the extra is missing
     raise ImportError(
         "ttlstore.redis needs redis-py: install it with pip install 'ttlstore[redis]'"
@@ -130,6 +130,10 @@ _NS = 1_000_000_000
 _DEGRADED_WAIT = 1.0  # seconds a degraded refusal asks the client to wait
 _FAULT_LOG_INTERVAL = 10.0
 _FAILURES = (RedisError, OSError)  # redis-py wraps socket errors; OSError for the odd one out
+# Error replies that say "not now" rather than "never": the failure policies apply to these.
+# Any other error reply (WRONGTYPE on a foreign key, a script bug) is raised as it is, since
+# failing open on it would hide it forever.
+_TRANSIENT_REPLIES = ("OOM", "BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
 
 
 # ====================================================================== shared plumbing
@@ -167,6 +171,14 @@ def _check_key(key: object) -> str:
     if not isinstance(key, str):
         raise TypeError(f"key must be a str, got {key!r}")
     return key
+
+
+def _hash_tag(key: str) -> str:
+    """``key`` with its braces escaped (injectively), so that the whole key is the Cluster hash
+    tag: a ``}`` in it would otherwise end the tag early and skew keys onto one slot."""
+    if "{" not in key and "}" not in key and "\\" not in key:
+        return key  # the common case; an escaped key always holds a backslash, this one none
+    return key.replace("\\", "\\\\").replace("{", "\\(").replace("}", "\\)")
 
 
 def _millis(name: str, seconds: object) -> int:
@@ -246,7 +258,7 @@ class _Connected(Generic[C, S]):
         return cast("_Scripting[S]", self._client).register_script(source)
 
     def _key(self, key: str) -> str:
-        return f"{self._prefix}:{{{_check_key(key)}}}:{self._SUFFIX}"
+        return f"{self._prefix}:{{{_hash_tag(_check_key(key))}}}:{self._SUFFIX}"
 
     @property
     def client(self) -> C:
@@ -330,6 +342,8 @@ local function less(a, b)
   end
   return false
 end
+-- Redis 5 and 6 may replicate scripts verbatim, which forbids a write after TIME.
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = {tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000),
              (tonumber(t[2]) % 1000) * 1000, 0, 0}
@@ -485,6 +499,8 @@ class _Limiter(_Connected[C, S]):
 
     def _failed(self, error: BaseException, cost: int) -> Decision:
         """The ``on_error`` answer to a Redis fault: a degraded decision, or raise."""
+        if isinstance(error, ResponseError) and not str(error).startswith(_TRANSIENT_REPLIES):
+            raise error
         policy = self._on_error
         self._faults(error, {"allow": "allowing", "deny": "denying", "raise": "raising"}[policy])
         if policy == "raise":
