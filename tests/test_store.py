@@ -164,8 +164,21 @@ def test_full_store_reclaims_due_entries_before_evicting_live_ones(clock: FakeCl
     store.set("due2", 3, ttl=1)
     clock.advance(1)
     store["new"] = 4
-    assert sorted(events) == [("due1", 2, RemovalCause.EXPIRED), ("due2", 3, RemovalCause.EXPIRED)]
+    # One due entry frees the slot; the live one is kept.
+    assert len(events) == 1 and events[0][2] is RemovalCause.EXPIRED
+    assert events[0][0] in ("due1", "due2")
     assert list(store) == ["old", "new"]
+    assert len(events) == 2  # iteration reclaimed the other due entry
+
+
+def test_a_write_to_a_full_store_pays_for_one_due_entry_not_the_backlog(clock: FakeClock) -> None:
+    events, listener = recorder()
+    store = make(clock, maxsize=5000, ttl=1, on_remove=listener)
+    store.update((i, i) for i in range(5000))
+    clock.advance(1)
+    store["new"] = 0
+    assert len(events) == 1  # the rest is left to sweeps and reads
+    assert len(store) == 1 and len(events) == 5000
 
 
 def test_weight_bound_evicts_lru_until_it_fits(clock: FakeClock, threadsafe: bool) -> None:

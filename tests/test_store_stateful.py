@@ -121,9 +121,22 @@ class StoreMachine(RuleBasedStateMachine):
             item.deadline = self.now + item.ttl
         return item.value
 
-    def _model_set(self, key: str, value: int, ttl: float | None, only_new: bool) -> bool:
+    def _observed(self, call: Any) -> tuple[Any, list[str]]:
+        """Run a store call; return its result and the keys it reclaimed as expired.
+
+        A write to a full store reclaims one due entry (or, for weight, as many as it needs)
+        in the index's order, which the model does not predict: it learns which from here.
+        """
+        before = len(self.events)
+        result = call()
+        return result, [key for key, _, cause in self.events[before:] if cause is EXPIRED]
+
+    def _model_set(
+        self, key: str, value: int, ttl: float | None, only_new: bool, reclaimed: list[str]
+    ) -> bool:
         weight = value if self.weighted else 0
-        item = self._live(key)
+        item = self._live(key)  # the written key's own expiry is not one of the reclaimed
+        self._reclaimed = iter([k for k in reclaimed if k != key])
         if item is not None:
             if only_new:
                 return False
@@ -141,17 +154,31 @@ class StoreMachine(RuleBasedStateMachine):
             self.counts["replacements"] += 1
         else:
             if len(self.model) >= MAXSIZE:
-                self._reclaim_due()
+                if self._any_due():
+                    self._reclaim_one()  # one due entry frees the one slot needed
                 while len(self.model) >= MAXSIZE:
                     self._evict_lru()
             self._shed(weight)
             self.model[key] = Item(value, self._deadline(ttl), ttl, weight)
+        assert next(self._reclaimed, None) is None, "reclaimed more than the write needed"
         self.counts["writes"] += 1
         return True
 
+    def _any_due(self) -> bool:
+        return any(item.deadline <= self.now for item in self.model.values())
+
+    def _reclaim_one(self) -> None:
+        """The store reclaimed one due entry of its choice: check that it was due."""
+        key = next(self._reclaimed, None)
+        assert key is not None, "a full store evicted a live entry while one was due"
+        assert self.model[key].deadline <= self.now, f"{key!r} was reclaimed but not due"
+        self._remove(key, EXPIRED)
+
     def _shed(self, weight: int) -> None:
         if self.weighted and self._weight() + weight > MAXWEIGHT:
-            self._reclaim_due()
+            # Due entries first, only as many as needed; live ones only once none is due.
+            while self._weight() + weight > MAXWEIGHT and self._any_due():
+                self._reclaim_one()
             while self._weight() + weight > MAXWEIGHT:
                 self._evict_lru()
 
@@ -159,26 +186,29 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule(key=KEYS, value=VALUES, ttl=TTLS)
     def set(self, key: str, value: int, ttl: Any) -> None:
-        self._model_set(key, value, self._ttl(ttl), only_new=False)
-        if ttl == "default":
-            self.store[key] = value
-        else:
-            self.store.set(key, value, ttl=ttl)
+        def write() -> None:
+            if ttl == "default":
+                self.store[key] = value
+            else:
+                self.store.set(key, value, ttl=ttl)
+
+        _, reclaimed = self._observed(write)
+        self._model_set(key, value, self._ttl(ttl), False, reclaimed)
 
     @rule(key=KEYS, value=VALUES, ttl=TTLS)
     def add(self, key: str, value: int, ttl: Any) -> None:
-        expected = self._model_set(key, value, self._ttl(ttl), only_new=True)
-        assert self.store.add(key, value, ttl=self._ttl(ttl)) is expected
+        added, reclaimed = self._observed(lambda: self.store.add(key, value, ttl=self._ttl(ttl)))
+        assert added is self._model_set(key, value, self._ttl(ttl), True, reclaimed)
 
     @rule(key=KEYS, value=VALUES)
     def setdefault(self, key: str, value: int) -> None:
         item = self._live(key)
         if item is not None:
-            expected = self._read(key, item)
-        else:
-            self._model_set(key, value, DEFAULT_TTL, only_new=False)
-            expected = value
-        assert self.store.setdefault(key, value) == expected
+            assert self.store.setdefault(key, value) == self._read(key, item)
+            return
+        found, reclaimed = self._observed(lambda: self.store.setdefault(key, value))
+        self._model_set(key, value, DEFAULT_TTL, False, reclaimed)
+        assert found == value
 
     @rule(key=KEYS)
     def get(self, key: str) -> None:
@@ -203,12 +233,12 @@ class StoreMachine(RuleBasedStateMachine):
     def get_or_set(self, key: str, value: int) -> None:
         item = self._live(key)
         if item is not None:
-            expected = self._read(key, item)
-        else:
-            self.counts["misses"] += 1
-            self._model_set(key, value, DEFAULT_TTL, only_new=False)
-            expected = value
-        assert self.store.get_or_set(key, lambda: value) == expected
+            assert self.store.get_or_set(key, lambda: value) == self._read(key, item)
+            return
+        self.counts["misses"] += 1
+        found, reclaimed = self._observed(lambda: self.store.get_or_set(key, lambda: value))
+        self._model_set(key, value, DEFAULT_TTL, False, reclaimed)
+        assert found == value
 
     @rule(key=KEYS)
     def delete(self, key: str) -> None:

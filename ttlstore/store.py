@@ -263,8 +263,9 @@ class TTLStore(MutableMapping[K, V]):
         """Store ``value`` under ``key``, as the most recently used entry.
 
         ``ttl`` overrides the store's default for this entry; ``None`` means no expiry. When the
-        store is full, due entries are reclaimed first, then the least recently used live ones
-        are evicted. O(1) amortized with the default TTL, O(log n) with another TTL.
+        store is full, due entries are reclaimed first (as many as needed to make room), then
+        the least recently used live ones are evicted. O(1) amortized with the default TTL,
+        O(log n) with another TTL.
         """
         ttl = self._ttl if ttl is UNSET else ttl_or_none("ttl", ttl)
         weight = 0 if self._weigher is None else self._weigh(key, value)
@@ -552,10 +553,10 @@ class TTLStore(MutableMapping[K, V]):
         and must never be its own victim: once it is the only one left, everything fits.
         """
         maxweight: float = self._maxweight  # type: ignore[assignment]
-        if self._weight + weight <= maxweight:
-            return
-        if self._index.due(now):
-            self._expire(None, now)
+        # Due entries go first, one at a time: only as many as the new weight needs, so a
+        # backlog of due entries costs this write no more than what it frees.
+        while self._weight + weight > maxweight and self._expire(1, now):
+            pass
         data = self._data
         last = 1 if replacing else 0
         while self._weight + weight > maxweight:
@@ -586,7 +587,9 @@ class TTLStore(MutableMapping[K, V]):
                 # Full: reclaim due entries first, then evict least recently used ones.
                 heap = index.heap
                 if (fifo and fifo[0].filed <= now) or (heap and heap[0][0] <= now):  # type: ignore[operator]
-                    self._expire(None, now)
+                    # One due entry frees the one slot needed; the rest of a backlog is left to
+                    # sweeps and reads, so a write never pays for more than it frees.
+                    self._expire(1, now)
                 while len(data) >= self._maxsize:
                     victim = data.popitem(False)[1]
                     if victim.filed is not None:
