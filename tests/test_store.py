@@ -694,3 +694,16 @@ def test_sliding_read_on_a_clock_that_steps_back_keeps_expiry_exact(clock: FakeC
 def test_ttl_beyond_float_range_is_a_value_error_naming_ttl(ttl: int) -> None:
     with pytest.raises(ValueError, match="ttl must be a positive finite number"):
         TTLStore(10, ttl)
+
+
+def test_ttl_may_be_any_real_number_or_a_decimal(clock: FakeClock) -> None:
+    from decimal import Decimal
+    from fractions import Fraction
+
+    store = make(clock)
+    for ttl in (2, 2.0, Fraction(2), Decimal("2")):
+        store.set("k", 1, ttl=ttl)
+        assert store.ttl("k") == 2.0
+    for bad in (Decimal("NaN"), Decimal("sNaN"), Decimal("Infinity"), Decimal("-1")):
+        with pytest.raises(ValueError, match="ttl must be a positive finite number"):
+            store.set("k", 1, ttl=bad)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from decimal import Decimal
 
 
 def positive_int(name: str, value: object) -> int:
@@ -28,11 +29,12 @@ def positive_seconds(name: str, value: object, maximum: float = math.inf) -> flo
     """
     if type(value) is float and 0.0 < value <= maximum and value != math.inf:
         return value  # the common case, without the slow ABC check below (200 ns)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    # Decimal is not a numbers.Real, but a TTL read from configuration may well be one.
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Decimal)):
         raise TypeError(f"{name} must be a positive number of seconds, got {value!r}")
     try:
         seconds = float(value)
-    except OverflowError:  # an int beyond float range, e.g. 10**400
+    except (OverflowError, ValueError):  # beyond float range (10**400), a signaling NaN
         raise ValueError(
             f"{name} must be a positive finite number of seconds, got {value!r}"
         ) from None
