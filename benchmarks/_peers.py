@@ -273,14 +273,8 @@ class CachetoolsTTL(Adapter):
         return len(store.expire())
 
 
-class CachetoolsTLRU(Adapter):
+class CachetoolsTLRU(CachetoolsTTL):
     name = "cachetools.TLRUCache"
-    module = "cachetools"
-    distribution = "cachetools"
-    threadsafe = False
-    injectable_clock = True
-    get_op = Op("get(k)", "get = c.get")
-    set_op = Op("c[k] = v")
     notes = (
         "per-entry deadline from a Python `ttu(key, value, now)` callback; heap-based expiry",
         "not thread-safe: callers add their own lock (not included here)",
@@ -293,9 +287,6 @@ class CachetoolsTLRU(Adapter):
             return now + ttl
 
         return TLRUCache(maxsize, ttu, timer=clock or time.monotonic)
-
-    def expire(self, store: Any) -> int:
-        return len(store.expire())
 
 
 # -- cachebox (Rust) ----------------------------------------------------------------------------
