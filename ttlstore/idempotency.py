@@ -29,7 +29,6 @@ in-memory one.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import copy
 import functools
@@ -735,6 +734,8 @@ def _async_wrapper(
     wait: bool,
     store_errors: bool,
 ) -> Callable[..., Awaitable[Any]]:
+    import asyncio  # here, not at the top: `import ttlstore` must not load asyncio
+
     # Store key -> future resolved when this process's owner of the key finishes. A future
     # belongs to one loop; a waiter on another loop treats the owner as remote.
     flights: dict[str, asyncio.Future[None]] = {}

@@ -18,18 +18,20 @@ itself only weakly between ticks: dropping the last reference to a running sweep
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ttlstore._checks import positive_int, positive_seconds
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["AsyncSweeper", "Expirable", "Sweeper", "SweeperStats"]
 
@@ -220,9 +222,28 @@ class _SweeperBase:
 # ---------------------------------------------------------------------- thread
 
 
-def _sweep_on_thread(sweeper: Sweeper, stop: threading.Event | None) -> int:
+_Tick = Generator[bool, None, int]
+
+
+class _Handles:
+    """What a sweeper's thread or task needs of it, each held weakly between ticks.
+
+    Bound methods through ``weakref.WeakMethod``: no reference cycle through the thread or
+    task keeps a forgotten sweeper alive, and no module-level code reaches into its privates.
+    """
+
+    __slots__ = ("count_error", "interval", "tick")
+
+    def __init__(
+        self, tick: Callable[[], _Tick], count_error: Callable[[], None], interval: float
+    ) -> None:
+        self.tick = weakref.WeakMethod(tick)
+        self.count_error = weakref.WeakMethod(count_error)
+        self.interval = interval
+
+
+def _sweep_on_thread(tick: _Tick, stop: threading.Event | None) -> int:
     """Drive one tick on the calling thread; return the entries reclaimed (0 if stopped)."""
-    tick = sweeper._tick()
     try:
         while True:
             between_slices = next(tick)
@@ -241,25 +262,26 @@ def _sweep_on_thread(sweeper: Sweeper, stop: threading.Event | None) -> int:
         tick.close()
 
 
-def _thread_main(ref: weakref.ref[Sweeper], stop: threading.Event) -> None:
+def _thread_main(handles: _Handles, stop: threading.Event) -> None:
     """Body of the sweeper thread: tick, wait ``interval`` or until stopped, repeat.
 
     Holds the sweeper only weakly while waiting, so no reference cycle through the thread keeps
     a forgotten sweeper (and its thread) alive forever.
     """
     while not stop.is_set():
-        sweeper = ref()
-        if sweeper is None:
+        tick = handles.tick()
+        if tick is None:
             return
-        interval = sweeper.interval
         try:
-            _sweep_on_thread(sweeper, stop)
+            _sweep_on_thread(tick(), stop)
         except Exception:
             # A fault outside any one store (a bug here): log, count, and keep the thread alive.
             logger.exception("sweeper: tick failed")
-            sweeper._count_error()
-        del sweeper
-        if stop.wait(interval):
+            count_error = handles.count_error()
+            if count_error is not None:
+                count_error()
+        del tick
+        if stop.wait(handles.interval):
             return
 
 
@@ -319,7 +341,7 @@ class Sweeper(_SweeperBase):
             stop = threading.Event()
             thread = threading.Thread(
                 target=_thread_main,
-                args=(weakref.ref(self), stop),
+                args=(_Handles(self._tick, self._count_error, self._interval), stop),
                 name="ttlstore-sweeper",
                 daemon=True,
             )
@@ -356,7 +378,7 @@ class Sweeper(_SweeperBase):
         not raised, exactly as on the thread. O(k log n) for k due entries of a store of n, in
         ceil(k / batch) + 1 lock holds per store.
         """
-        return _sweep_on_thread(self, None)
+        return _sweep_on_thread(self._tick(), None)
 
     def __enter__(self) -> Sweeper:
         self.start()
@@ -380,9 +402,10 @@ class Sweeper(_SweeperBase):
 # ---------------------------------------------------------------------- asyncio
 
 
-async def _sweep_on_loop(sweeper: AsyncSweeper) -> int:
+async def _sweep_on_loop(tick: _Tick) -> int:
     """Drive one tick on the running loop, yielding to it between slices; return entries."""
-    tick = sweeper._tick()
+    import asyncio  # here, not at the top: `import ttlstore` must not load asyncio
+
     try:
         while True:
             next(tick)
@@ -396,23 +419,26 @@ async def _sweep_on_loop(sweeper: AsyncSweeper) -> int:
         tick.close()
 
 
-async def _task_main(ref: weakref.ref[AsyncSweeper]) -> None:
+async def _task_main(handles: _Handles) -> None:
     """Body of the sweeper task: tick, sleep ``interval``, repeat until cancelled.
 
     Holds the sweeper only weakly while sleeping, like the thread does.
     """
+    import asyncio  # here, not at the top: `import ttlstore` must not load asyncio
+
     while True:
-        sweeper = ref()
-        if sweeper is None:
+        tick = handles.tick()
+        if tick is None:
             return
-        interval = sweeper.interval
         try:
-            await _sweep_on_loop(sweeper)
+            await _sweep_on_loop(tick())
         except Exception:
             logger.exception("sweeper: tick failed")
-            sweeper._count_error()
-        del sweeper
-        await asyncio.sleep(interval)
+            count_error = handles.count_error()
+            if count_error is not None:
+                count_error()
+        del tick
+        await asyncio.sleep(handles.interval)
 
 
 def _abandoned_task(loop: asyncio.AbstractEventLoop, task: asyncio.Task[None]) -> None:
@@ -455,6 +481,8 @@ class AsyncSweeper(_SweeperBase):
 
         Must be called from a coroutine (or callback) of the loop that should run it. O(1).
         """
+        import asyncio  # here, not at the top: `import ttlstore` must not load asyncio
+
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -463,7 +491,10 @@ class AsyncSweeper(_SweeperBase):
             ) from None
         if self.running:
             raise RuntimeError(f"{self!r} is already running; await stop() first")
-        task = loop.create_task(_task_main(weakref.ref(self)), name="ttlstore-async-sweeper")
+        task = loop.create_task(
+            _task_main(_Handles(self._tick, self._count_error, self._interval)),
+            name="ttlstore-async-sweeper",
+        )
         if self._finalizer is not None:
             self._finalizer.detach()
         finalizer = weakref.finalize(self, _abandoned_task, loop, task)
@@ -476,6 +507,8 @@ class AsyncSweeper(_SweeperBase):
         ``RuntimeError`` if awaited on another loop than the one that started a running task:
         waiting there could never end.
         """
+        import asyncio  # here, not at the top: `import ttlstore` must not load asyncio
+
         task, finalizer = self._task, self._finalizer
         if (
             task is not None
@@ -504,7 +537,7 @@ class AsyncSweeper(_SweeperBase):
         Works whether or not the sweeper is running. Store errors are logged and counted.
         O(k log n) for k due entries of a store of n, in ceil(k / batch) + 1 slices per store.
         """
-        return await _sweep_on_loop(self)
+        return await _sweep_on_loop(self._tick())
 
     async def __aenter__(self) -> AsyncSweeper:
         self.start()
