@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeAlias, TypeVar, cast
 
 from ttlstore._checks import positive_int, positive_seconds, ttl_or_none
+from ttlstore.records import Raised, Returned
 from ttlstore.store import TTLStore
 
 __all__ = [
@@ -479,20 +480,6 @@ _POLL_MIN = 0.005
 _POLL_MAX = 1.0
 
 
-@dataclass(frozen=True, slots=True)
-class _Returned:
-    """A stored return value."""
-
-    value: Any
-
-
-@dataclass(frozen=True, slots=True)
-class _Raised:
-    """A stored exception (``store_errors=True``), kept without traceback or context."""
-
-    error: Exception
-
-
 def _detached(error: Exception) -> Exception | None:
     """A copy of ``error`` without traceback, cause or context, or None if it cannot be copied.
 
@@ -509,7 +496,7 @@ def _detached(error: Exception) -> Exception | None:
     return clone
 
 
-def _failure_record(error: BaseException, store_errors: bool, key: str) -> _Raised | None:
+def _failure_record(error: BaseException, store_errors: bool, key: str) -> Raised | None:
     """What to store when the function raised ``error``: a record, or None to release."""
     if not store_errors or not isinstance(error, Exception):
         return None  # cancellation and KeyboardInterrupt say nothing about the operation
@@ -522,7 +509,7 @@ def _failure_record(error: BaseException, store_errors: bool, key: str) -> _Rais
             key,
         )
         return None
-    return _Raised(clone)
+    return Raised(clone)
 
 
 _WAIT: Any = object()
@@ -532,9 +519,9 @@ def _answer(outcome: Outcome[Any], key: str, wait: bool) -> Any:
     """The call's result for any outcome but ``Started``: a value, an error, or ``_WAIT``."""
     if isinstance(outcome, Replay):
         record = outcome.result
-        if isinstance(record, _Returned):
+        if isinstance(record, Returned):
             return record.value
-        if isinstance(record, _Raised):
+        if isinstance(record, Raised):
             clone = _detached(record.error)
             raise clone if clone is not None else record.error
         raise TypeError(
@@ -713,10 +700,10 @@ def _sync_wrapper(
         except BaseException as error:
             settle(key, store_key, token, _failure_record(error, store_errors, key))
             raise
-        settle(key, store_key, token, _Returned(value))
+        settle(key, store_key, token, Returned(value))
         return value
 
-    def settle(key: str, store_key: str, token: str, record: _Returned | _Raised | None) -> None:
+    def settle(key: str, store_key: str, token: str, record: Returned | Raised | None) -> None:
         try:
             if record is None:
                 backend.release(store_key, token)
@@ -772,11 +759,11 @@ def _async_wrapper(
         except BaseException as error:
             await settle(key, store_key, token, _failure_record(error, store_errors, key))
             raise
-        await settle(key, store_key, token, _Returned(value))
+        await settle(key, store_key, token, Returned(value))
         return value
 
     async def settle(
-        key: str, store_key: str, token: str, record: _Returned | _Raised | None
+        key: str, store_key: str, token: str, record: Returned | Raised | None
     ) -> None:
         try:
             if record is None:
