@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FakeClock
 from ttlstore import RemovalCause, Slot, StoreStats, TTLStore
+from ttlstore.testing import FakeClock
 
 Events = list[tuple[Any, Any, RemovalCause]]
 

@@ -19,9 +19,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from tests.conftest import FakeClock
 from ttlstore import RemovalCause, TTLStore
 from ttlstore.store import Slot
+from ttlstore.testing import FakeClock
 
 EXPIRED, EVICTED, DELETED, REPLACED = (
     RemovalCause.EXPIRED,
