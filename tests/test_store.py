@@ -580,14 +580,33 @@ def test_compute_fn_that_raises_changes_and_counts_nothing(clock: FakeClock) -> 
     assert store.stats() == before and store["k"] == 1 and events == []
 
 
-def test_compute_slot_is_dead_after_the_call(clock: FakeClock) -> None:
+def test_compute_slot_is_dead_after_the_call_and_holds_no_value(clock: FakeClock) -> None:
     store = make(clock)
+    store["k"] = "held"
     kept = store.compute("k", lambda slot: slot)
-    with pytest.raises(RuntimeError, match="after compute"):
+    with pytest.raises(RuntimeError, match="only valid inside the compute"):
         kept.set(1)
-    assert "k" not in store
-    with pytest.raises(KeyError):
-        _ = kept.value
+    with pytest.raises(RuntimeError, match="only valid inside the compute"):
+        kept.remove()
+    assert store["k"] == "held"
+    assert kept.value is None and not kept.found  # no reference kept to the value
+
+
+def test_compute_nested_in_a_compute_of_the_same_unlocked_store(clock: FakeClock) -> None:
+    store = make(clock, threadsafe=False)
+
+    def write_two(inner: Slot[str, int]) -> str:
+        inner.set(2)
+        return inner.key
+
+    def outer(slot: Slot[str, int]) -> int:
+        inner = store.compute("inner", write_two)
+        assert inner == "inner" and slot.key == "outer"  # the outer slot is untouched
+        slot.set(1)
+        return 1
+
+    assert store.compute("outer", outer) == 1
+    assert dict(store.items()) == {"inner": 2, "outer": 1}
 
 
 def test_compute_holds_the_lock_once_and_calls_back_after_release(clock: FakeClock) -> None:

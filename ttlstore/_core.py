@@ -16,7 +16,7 @@ from types import FunctionType
 from typing import Any, Final, Protocol, TypeVar
 
 from ttlstore._deadlines import INF, DeadlineIndex, Entry
-from ttlstore._slot import REMOVE, WRITE, Plan, Slot
+from ttlstore._slot import KEEP, WRITE, Plan, Slot
 from ttlstore._types import DEFAULT_TTL, RemovalCause, RemovalListener, StoreDefault, StoreStats
 
 __all__ = ["MISSING", "Flight", "Lock", "StoreCore", "StoreItemsView", "StoreValuesView"]
@@ -78,8 +78,10 @@ class StoreCore(MutableMapping[K, V]):
         "_misses",
         "_on_remove",
         "_pending",
+        "_plan",
         "_replacements",
         "_sliding",
+        "_slot",
         "_to_end",
         "_ttl",
         "_weighed",
@@ -118,6 +120,9 @@ class StoreCore(MutableMapping[K, V]):
         self._to_end = self._data.move_to_end
         self._index: DeadlineIndex[K, V] = DeadlineIndex(ttl)
         self._flights: dict[K, Flight] = {}
+        # Reused by every compute() (see ttlstore._slot): one call at a time holds the lock.
+        self._plan = Plan()
+        self._slot: Slot[K, V] = Slot(self._plan)
         self._hits = self._misses = self._writes = 0
         self._expirations = self._evictions = self._deletions = self._replacements = 0
 
@@ -353,17 +358,38 @@ class StoreCore(MutableMapping[K, V]):
             self._set(key, value, self._ttl, weight, False)
 
     def _compute(self, key: K, fn: Callable[[Slot[K, V]], R]) -> R:
+        plan = self._plan
+        slot = self._slot
+        if plan.busy:  # an outer compute()'s function called this (unlocked) store
+            plan = Plan()
+            slot = Slot(plan)
         entry = self._live(key)
-        plan = Plan()
-        now = self._clock()
-        value = None if entry is None else entry.value
+        slot.key = key
+        slot.now = now = self._clock()
+        if entry is None:
+            slot.found = False
+            slot.value = None  # type: ignore[assignment]
+        else:
+            slot.found = True
+            slot.value = entry.value
+        plan.op = KEEP
+        plan.busy = True
         try:
-            result = fn(Slot(key, entry is not None, value, now, plan))
+            result = fn(slot)
         finally:
-            plan.done = True
+            plan.busy = False
+            # Hold no reference to the value or key once the call is over.
+            slot.key = slot.value = None  # type: ignore[assignment]
+            slot.found = False
         # fn returned: weigh what it asked to write (may raise: nothing done yet), count the
         # read, then do what it asked for.
         op = plan.op
+        if op == KEEP:
+            if entry is None:
+                self._misses += 1
+            else:
+                self._hit(entry)
+            return result
         weight = 0.0
         if op == WRITE and self._weigher is not None:
             weight = self._weigh(key, plan.value)
@@ -373,7 +399,8 @@ class StoreCore(MutableMapping[K, V]):
             self._hit(entry)
         if op == WRITE:
             self._compute_write(key, plan, now, weight)
-        elif op == REMOVE and entry is not None:
+            plan.value = None
+        elif entry is not None:  # REMOVE
             entry = self._data[key]  # _hit() may have renewed it, never replaced it
             del self._data[key]
             self._removed(entry, RemovalCause.DELETED)

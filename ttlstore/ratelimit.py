@@ -58,6 +58,8 @@ __all__ = [
 P = ParamSpec("P")
 R = TypeVar("R")
 
+_STEPS_KEPT = 64  # decision functions kept per limiter, one per cost seen
+
 # Until ttlstore/redis.py imports these from ttlstore._gcra (the lead's split of that module).
 _check_timeout = check_timeout
 _wait_sync = wait_sync
@@ -139,7 +141,7 @@ class TokenBucketLimiter:
     read and write, O(1), or O(log n) when the store files a new deadline.
     """
 
-    __slots__ = ("_allowed", "_buckets", "_denied", "_epoch", "_now", "_store")
+    __slots__ = ("_allowed", "_buckets", "_denied", "_epoch", "_now", "_steps", "_store")
 
     @overload
     def __init__(
@@ -187,6 +189,7 @@ class TokenBucketLimiter:
         self._store: TTLStore[Hashable, State] = TTLStore(
             maxsize, clock=store_clock, threadsafe=threadsafe
         )
+        self._steps: dict[int, Callable[[Slot[Hashable, State]], Decision]] = {}
         self._allowed = 0
         self._denied = 0
 
@@ -198,15 +201,25 @@ class TokenBucketLimiter:
         ``ValueError`` at once if ``cost`` exceeds a limit's capacity (it could never pass).
         O(limits) plus one store read and, if allowed, one store write, under one lock hold.
         """
-        cost = check_cost(self._buckets, cost)
+        if cost != 1 or type(cost) is not int:  # 1 is always valid: skip the call
+            cost = check_cost(self._buckets, cost)
+        step = self._steps.get(cost)
+        if step is None:
+            step = self._step_for(cost)
+        return self._store.compute(key, step)
+
+    def _step_for(self, cost: int) -> Callable[[Slot[Hashable, State]], Decision]:
+        """The compute() function deciding a request of ``cost``; kept per cost, so that an
+        acquire builds no closure (most callers use one or two costs)."""
+        buckets, now_ns, epoch = self._buckets, self._now, self._epoch
 
         def step(slot: Slot[Hashable, State]) -> Decision:
             # A read (not peek) also for refusals: a client that keeps knocking stays recent,
             # so a flood of new keys evicts idle buckets before an active abuser's. The clock
             # is read after the store's: an entry it found expired is certainly full now too.
-            buckets = self._buckets
-            now = self._now() - self._epoch
-            decision, state = decide(buckets, slot.value if slot.found else None, now, cost)
+            # slot.value is None for an absent bucket: a full one.
+            now = now_ns() - epoch
+            decision, state = decide(buckets, slot.value, now, cost)
             if state is None:
                 self._denied += 1
             else:
@@ -215,7 +228,10 @@ class TokenBucketLimiter:
                 self._allowed += 1
             return decision
 
-        return self._store.compute(key, step)
+        if len(self._steps) >= _STEPS_KEPT:
+            self._steps.clear()
+        self._steps[cost] = step
+        return step
 
     def try_acquire(self, key: Hashable, cost: int = 1) -> bool:
         """Whether ``cost`` tokens were taken from ``key``, as :meth:`acquire` does. O(limits)."""

@@ -293,7 +293,18 @@ class TTLStore(StoreCore[K, V]):
         thread-safe store would deadlock); with a ``weigher``, the weigher runs there too.
         O(1) plus ``fn``, or as :meth:`set` when it writes.
         """
-        result: R = self._run(self._compute, key, fn)
+        # _run() written out: this is the rate limiter's hot path.
+        lock = self._lock
+        if lock is None:
+            result = self._compute(key, fn)
+        else:
+            lock.acquire()
+            try:
+                result = self._compute(key, fn)
+            finally:
+                lock.release()
+        if self._pending:
+            self._flush()
         return result
 
     def __delitem__(self, key: K) -> None:
