@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, ClassVar, cast
 
+from benchmarks import _compiled
+
 Clock = Callable[[], float]
 #: A compiled timed loop: ``loop(store, keys, writes, value) -> elapsed ns``.
 Loop = Callable[[Any, Sequence[str], Sequence[bool], int], int]
@@ -213,11 +215,10 @@ class _TTLStore(Adapter):
         from ttlstore import TTLStore  # noqa: F401
 
     def make(self, maxsize: int, ttl: float = TTL, clock: Clock | None = None) -> Any:
-        from ttlstore import TTLStore
-
+        store_type = importlib.import_module(self.module).TTLStore
         if clock is None:
-            return TTLStore(maxsize, ttl, threadsafe=self.tsafe)
-        return TTLStore(maxsize, ttl, clock=clock, threadsafe=self.tsafe)
+            return store_type(maxsize, ttl, threadsafe=self.tsafe)
+        return store_type(maxsize, ttl, clock=clock, threadsafe=self.tsafe)
 
     def expire(self, store: Any) -> int:
         reclaimed: int = store.expire()
@@ -232,6 +233,32 @@ class TTLStoreSafe(_TTLStore):
 
 class TTLStoreUnsafe(_TTLStore):
     name = "ttlstore(threadsafe=False)"
+    tsafe = False
+    threadsafe = False
+
+
+class _TTLStoreCompiled(_TTLStore):
+    """The same store compiled with mypyc (see benchmarks/_compiled.py)."""
+
+    module = _compiled.PACKAGE
+    native = False  # compiled Python objects: tracemalloc sees them like any other
+    notes = (
+        "the same source compiled with mypyc, as the compiled wheel ships it (built by the "
+        "comparison itself as a renamed copy, `ttlstore_compiled`, in .bench/compiled/)",
+    )
+
+    def load(self) -> None:
+        _compiled.load()
+
+
+class TTLStoreCompiledSafe(_TTLStoreCompiled):
+    name = "ttlstore compiled"
+    tsafe = True
+    threadsafe = True
+
+
+class TTLStoreCompiledUnsafe(_TTLStoreCompiled):
+    name = "ttlstore compiled(threadsafe=False)"
     tsafe = False
     threadsafe = False
 
@@ -465,6 +492,8 @@ class InlineFloor(Adapter):
 ADAPTERS: tuple[Adapter, ...] = (
     TTLStoreSafe(),
     TTLStoreUnsafe(),
+    TTLStoreCompiledSafe(),
+    TTLStoreCompiledUnsafe(),
     CachetoolsTTL(),
     CachetoolsTLRU(),
     CacheboxTTL(),

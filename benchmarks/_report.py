@@ -237,7 +237,7 @@ def _targets_table(rows: list[dict[str, Any]]) -> list[str]:
         return []
     out = [
         "",
-        "## Targets of issue 4",
+        "## Targets (issue 4; issue 16 for the compiled build)",
         "",
         "Ratio = subject's median / peer's median in this run (worst case over the target's "
         "workloads and peers); met when at most the limit.",

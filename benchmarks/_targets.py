@@ -104,7 +104,57 @@ TARGETS: tuple[Target, ...] = (
 )
 
 
-def check(report: dict[str, Any], targets: tuple[Target, ...] = TARGETS) -> list[dict[str, Any]]:
+COMPILED = "ttlstore compiled"
+COMPILED_UNLOCKED = "ttlstore compiled(threadsafe=False)"
+
+
+def _compiled_twin(target: Target) -> Target:
+    """The same issue-4 target, judged for the mypyc-compiled build."""
+    subject = target.subject.replace("ttlstore", COMPILED, 1)
+    return Target(
+        f"{target.text} (compiled)", subject, target.peers, target.workloads, target.limit
+    )
+
+
+#: Issue 16: what the compiled core must reach, in the same run.
+COMPILED_TARGETS: tuple[Target, ...] = (
+    Target(
+        "compiled threadsafe=False get-hit within 1.3x of the inline floor at n = 1 000",
+        COMPILED_UNLOCKED,
+        ("OrderedDict inline floor",),
+        ("get-hit",),
+        _at({1_000: 1.3}),
+    ),
+    Target(
+        "compiled threadsafe=False get-hit and mixed within 2x of cachebox.VTTLCache at n = 1 000",
+        COMPILED_UNLOCKED,
+        ("cachebox.VTTLCache",),
+        ("get-hit", "mixed"),
+        _at({1_000: 2.0}),
+    ),
+    Target(
+        "compiled at least 5x faster than cachetools.TTLCache on get-hit at n = 1 000",
+        COMPILED,
+        ("cachetools.TTLCache",),
+        ("get-hit",),
+        _at({1_000: 1 / 5}),
+    ),
+    Target(
+        "compiled at least 3x faster than cachetools.TTLCache on set-evict at n = 1 000",
+        COMPILED,
+        ("cachetools.TTLCache",),
+        ("set-evict",),
+        _at({1_000: 1 / 3}),
+    ),
+    *(_compiled_twin(target) for target in TARGETS),
+)
+
+ALL_TARGETS = TARGETS + COMPILED_TARGETS
+
+
+def check(
+    report: dict[str, Any], targets: tuple[Target, ...] = ALL_TARGETS
+) -> list[dict[str, Any]]:
     """One row per target and size: the worst ratio found, its limit, whether it is met."""
     medians: dict[tuple[str, str, int], float] = {
         (c["workload"], c["library"], c["n"]): c["median"]

@@ -6,6 +6,7 @@ import gc
 import inspect
 import logging
 import math
+import os
 import random
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+import ttlstore
 from ttlstore import RemovalCause, Slot, StoreStats, TTLStore
 from ttlstore.testing import FakeClock
 
@@ -499,6 +501,18 @@ def test_sliding_without_a_ttl_is_refused_naming_both() -> None:
     with pytest.raises(ValueError, match=r"sliding=True .*ttl"):
         TTLStore(10, sliding=True)
     assert TTLStore(10, 5, sliding=True).default_ttl == 5
+
+
+def test_the_build_under_test_is_the_one_expected() -> None:
+    """CI runs the suite on the compiled wheel with TTLSTORE_EXPECT_COMPILED=1: a build that
+    silently fell back to pure Python fails here. Without it (the editable dev install, the
+    pure wheel) the core must be pure Python."""
+    expected = os.environ.get("TTLSTORE_EXPECT_COMPILED", "0") == "1"
+    assert ttlstore.compiled is expected
+    # Every module setup.py compiles, not just one of them.
+    names = ("_core", "_steps", "_deadlines", "_checks")
+    files = [str(sys.modules[f"ttlstore.{name}"].__file__) for name in names]
+    assert [not file.endswith(".py") for file in files] == [expected] * len(names), files
 
 
 def test_importing_ttlstore_does_not_import_asyncio() -> None:

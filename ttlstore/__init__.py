@@ -5,6 +5,8 @@ The ASGI middlewares live in :mod:`ttlstore.asgi` (extra ``asgi``) and the Redis
 beyond the standard library.
 """
 
+import sys as _sys
+
 from ttlstore._errors import BackendUnavailable
 from ttlstore.idempotency import (
     Busy,
@@ -56,7 +58,11 @@ __all__ = [
     "SweeperStats",
     "TTLStore",
     "TokenBucketLimiter",
+    "compiled",
     "idempotent",
     "rate_limited",
 ]
 __version__ = "0.1.0"
+
+compiled: bool = not str(_sys.modules["ttlstore._core"].__file__).endswith(".py")
+"""Whether this installation's core (the store) runs compiled by mypyc, else pure Python."""

@@ -1,68 +1,81 @@
-"""StoreCore: the machinery under TTLStore's public methods.
+"""StoreCore: the state of a TTLStore and every method of it but the constructor.
 
-:class:`~ttlstore.store.TTLStore` holds the public surface (argument checks, locking, docs);
-this class holds the state and every step that runs under the lock: the write path, reclaiming,
-removal accounting, the bodies of the less frequent methods. Split from ``store.py`` to keep
-each file readable; the two are one class hierarchy of two levels, compiled together by mypyc.
+:class:`~ttlstore.store.TTLStore` is this class plus argument checks, weak-reference support
+and the ``MutableMapping`` mixins; it stays interpreted in every build, so its signature is the
+real one in ``help()``. This class, the steps in :mod:`ttlstore._steps` and the index are what
+mypyc compiles. Every method takes the lock (if any) itself and runs its steps under it.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, MutableMapping
-from types import FunctionType
-from typing import Any, Final, Protocol, TypeVar
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+)
+from typing import Any, SupportsFloat, TypeAlias, TypeVar
 
+from ttlstore._checks import positive_int, ttl_or_none
 from ttlstore._deadlines import INF, DeadlineIndex, Entry
-from ttlstore._slot import KEEP, WRITE, Plan, Slot
+from ttlstore._mypyc import mypyc_attr
+from ttlstore._slot import Plan, Slot
+from ttlstore._steps import (
+    MISSING,
+    Flight,
+    Lock,
+    claim,
+    do_clear,
+    do_compute,
+    do_pop,
+    do_popitem,
+    do_setdefault,
+    do_touch,
+    do_update,
+    drop_expired,
+    expire_due,
+    flush,
+    items_now,
+    land,
+    live_count,
+    live_len,
+    read,
+    reclaim_backlog,
+    remaining,
+    run,
+    snapshot_keys,
+    snapshot_stats,
+    weigh,
+    write,
+)
 from ttlstore._types import DEFAULT_TTL, RemovalCause, RemovalListener, StoreDefault, StoreStats
 
-__all__ = ["MISSING", "Flight", "Lock", "StoreCore"]
+__all__ = ["StoreCore"]
 
-K = TypeVar("K")
-V = TypeVar("V")
+# Keys and values as the compiled core sees them. The core is not Generic: mypyc gives a
+# Generic class a __dict__ and a weak-reference slot, which costs every entry 16 bytes and
+# which CPython 3.11's collector mis-traverses (a weak reference to such an object crashed it).
+# TTLStore declares the typed API.
+K: TypeAlias = Any
+V: TypeAlias = Any
+D = TypeVar("D")
 R = TypeVar("R")
 
-logger = logging.getLogger("ttlstore")
-
-MISSING: Any = object()
-"""An argument or result that is not there (``None`` may be a stored value)."""
-
-_new_entry = Entry.__new__
-# Whether Entry is an interpreted class (not compiled by mypyc), which _set() builds without
-# calling its constructor.
-_PURE: Final = isinstance(Entry.__init__, FunctionType)
-
-# Due entries reclaimed per lock hold when len(), iteration or popitem() meet a backlog.
-_BACKLOG_SLICE = 1024
+_ASYNC_FACTORY = (
+    "get_or_set() needs a plain factory, but {factory!r} returned an awaitable ({value!r}); "
+    "for an async factory use `await ttlstore.memo.aget_or_set(store, key, factory)`"
+)
 
 
-class Lock(Protocol):
-    """What the store needs of its lock (``threading.Lock``; tests put a spy in its place)."""
-
-    def acquire(self) -> bool: ...
-    def release(self) -> None: ...
-
-
-class Flight:
-    """One get_or_set() factory call in progress, which other callers of the key wait on."""
-
-    __slots__ = ("done", "error", "owner", "value")
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.owner = threading.get_ident()
-        self.value: Any = None
-        self.error: BaseException | None = None
-
-
-class StoreCore(MutableMapping[K, V]):
-    """State and locked steps of a TTLStore; see :class:`~ttlstore.store.TTLStore`."""
+# An interpreted subclass (TTLStore) adds what a compiled class cannot have safely: a weak
+# reference slot (mypyc's own one is mis-traversed by the garbage collector on CPython 3.11).
+@mypyc_attr(allow_interpreted_subclasses=True)
+class StoreCore:
+    """State and methods of a TTLStore; see :class:`~ttlstore.store.TTLStore`."""
 
     __slots__ = (
-        "__weakref__",
         "_clock",
         "_data",
         "_deletions",
@@ -96,7 +109,7 @@ class StoreCore(MutableMapping[K, V]):
         ttl: float | None,
         sliding: bool,
         maxweight: float | None,
-        weigher: Callable[[K, V], float] | None,
+        weigher: Callable[[K, V], object] | None,
         clock: Callable[[], float],
         on_remove: RemovalListener[K, V] | None,
         threadsafe: bool,
@@ -113,424 +126,379 @@ class StoreCore(MutableMapping[K, V]):
         self._clock = clock
         self._on_remove = on_remove
         self._pending: list[tuple[K, V, RemovalCause]] = []
-        self._data: OrderedDict[K, Entry[K, V]] = OrderedDict()
+        self._data: OrderedDict[K, Entry] = OrderedDict()
         # Bound once: the hot reads save an attribute lookup each. _data is therefore never
         # replaced, only cleared in place.
         self._lookup = self._data.get
         self._to_end = self._data.move_to_end
-        self._index: DeadlineIndex[K, V] = DeadlineIndex(ttl)
+        self._index: DeadlineIndex = DeadlineIndex(ttl)
         self._flights: dict[K, Flight] = {}
         # Reused by every compute() (see ttlstore._slot): one call at a time holds the lock.
         self._plan = Plan()
-        self._slot: Slot[K, V] = Slot(self._plan)
+        self._slot: Slot[Any, Any] = Slot(self._plan)
         self._hits = self._misses = self._writes = 0
         self._expirations = self._evictions = self._deletions = self._replacements = 0
 
-    # ------------------------------------------------------------------ plumbing
+    # ------------------------------------------------------------------ hot reads
 
-    def _run(self, method: Callable[..., R], *args: Any) -> R:
-        """Run ``method`` atomically (under the lock, if any), then deliver removal callbacks."""
+    def get(self, key: K, default: D | None = None) -> V | D | None:
+        """Return the value of ``key``, or ``default`` if absent or expired. O(1).
+
+        A hit moves the key to the most recently used end (and, with ``sliding``, renews its
+        deadline); it counts as a hit or a miss in :meth:`stats`.
+        """
+        # The body is written twice, without and with the lock: one shared body would cost
+        # the unlocked read a lock test and a try/finally (+25-33 ns on a 168 ns hit, measured
+        # in /tmp microbenchmarks of this method; the locked read is unaffected).
+        lock = self._lock
+        if lock is None:
+            entry = self._lookup(key)
+            if entry is not None:
+                now = self._clock()
+                if entry.deadline > now:
+                    self._to_end(key)
+                    self._hits += 1
+                    if self._sliding and entry.ttl is not None and now + entry.ttl > entry.deadline:
+                        entry.deadline = now + entry.ttl
+                    return entry.value
+                drop_expired(self, entry)
+                self._misses += 1
+                if self._pending:
+                    flush(self)
+                return default
+            self._misses += 1
+            return default
+        result: Any = default
+        lock.acquire()
+        # No return inside the try: compiled, a return through a finally costs more than the
+        # rest of a hit (mypyc saves and restores the error state around it).
+        try:
+            entry = self._lookup(key)
+            if entry is not None:
+                now = self._clock()
+                if entry.deadline > now:
+                    self._to_end(key)
+                    self._hits += 1
+                    if self._sliding and entry.ttl is not None and now + entry.ttl > entry.deadline:
+                        # Never earlier (a clock stepping back): the index item must stay due
+                        # no later than the entry.
+                        entry.deadline = now + entry.ttl
+                    result = entry.value
+                else:
+                    drop_expired(self, entry)
+                    self._misses += 1
+            else:
+                self._misses += 1
+        finally:
+            lock.release()
+        # Only a miss can have queued a removal (an expired entry).
+        if self._pending:
+            flush(self)
+        return result
+
+    def __getitem__(self, key: K) -> V:
+        """Return the value of ``key`` as :meth:`get` does; ``KeyError`` if absent. O(1)."""
+        value = read(self, key, MISSING)
+        if value is MISSING:
+            raise KeyError(key)
+        found: V = value
+        return found
+
+    def __contains__(self, key: object) -> bool:
+        """Whether ``key`` holds a live entry; touches neither recency nor stats. O(1)."""
         lock = self._lock
         if lock is not None:
             lock.acquire()
         try:
-            return method(*args)
+            entry = self._lookup(key)
+            return entry is not None and entry.deadline > self._clock()
         finally:
             if lock is not None:
                 lock.release()
-            if self._pending:
-                self._flush()
 
-    def _flush(self) -> None:
-        """Deliver queued removals to ``on_remove``, outside the lock."""
+    def peek(self, key: K, default: D | None = None) -> V | D | None:
+        """Return the value of ``key`` without touching recency, deadline or stats. O(1)."""
         lock = self._lock
         if lock is not None:
             lock.acquire()
-        pending, self._pending = self._pending, []
-        if lock is not None:
-            lock.release()
-        callback = self._on_remove
-        assert callback is not None
-        for key, value, cause in pending:
+        try:
+            entry = self._lookup(key)
+            if entry is not None and entry.deadline > self._clock():
+                return entry.value
+            return default
+        finally:
+            if lock is not None:
+                lock.release()
+
+    # ------------------------------------------------------------------ writes
+
+    def set(self, key: K, value: V, ttl: SupportsFloat | StoreDefault | None = DEFAULT_TTL) -> None:
+        """Store ``value`` under ``key``, as the most recently used entry.
+
+        ``ttl`` overrides the store's default for this entry; ``None`` means no expiry. When the
+        store is full, due entries are reclaimed first (as many as needed to make room), then
+        the least recently used live ones are evicted. O(1) amortized with the default TTL,
+        O(log n) with another TTL.
+        """
+        ttl = self._ttl if ttl is DEFAULT_TTL else ttl_or_none("ttl", ttl)
+        weight = 0.0 if self._weigher is None else weigh(self, key, value)
+        # _set() called directly rather than through _run(), and without a try/finally when
+        # unlocked: this is a hot path.
+        lock = self._lock
+        if lock is None:
+            write(self, key, value, ttl, weight, False)
+        else:
+            lock.acquire()
             try:
-                callback(key, value, cause)
-            except Exception:
-                logger.exception("on_remove callback failed for key %r (%s)", key, cause.value)
+                write(self, key, value, ttl, weight, False)
+            finally:
+                lock.release()
+        if self._pending:
+            flush(self)
 
-    def _weigh(self, key: K, value: V) -> float:
-        """The checked weight of an item, computed before any lock is taken (user code)."""
-        weigher = self._weigher
-        if weigher is None:
-            return 0.0
-        weight = weigher(key, value)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise TypeError(f"weigher must return a number, got {weight!r} for key {key!r}")
-        if not weight >= 0:  # also rejects NaN
-            raise ValueError(f"weight must be >= 0, got {weight!r} for key {key!r}")
-        if weight > self._maxweight:
-            raise ValueError(
-                f"weight {weight!r} of key {key!r} exceeds maxweight {self._maxweight!r}"
-            )
-        return float(weight)
+    def __setitem__(self, key: K, value: V) -> None:
+        """Store ``value`` under ``key`` with the default TTL, as :meth:`set` does."""
+        weight = 0.0 if self._weigher is None else weigh(self, key, value)
+        lock = self._lock
+        if lock is None:
+            write(self, key, value, self._ttl, weight, False)
+        else:
+            lock.acquire()
+            try:
+                write(self, key, value, self._ttl, weight, False)
+            finally:
+                lock.release()
+        if self._pending:
+            flush(self)
 
-    def _removed(self, entry: Entry[K, V], cause: RemovalCause) -> None:
-        """Account for ``entry`` having just left ``_data``."""
-        if entry.filed is not None:
-            self._index.discard(entry, self._data)
-        if self._weigher is not None:
-            self._weight -= self._weighed.pop(entry.key)
-        if cause is RemovalCause.EXPIRED:
-            self._expirations += 1
-        elif cause is RemovalCause.EVICTED:
-            self._evictions += 1
-        elif cause is RemovalCause.DELETED:
-            self._deletions += 1
-        if self._on_remove is not None:
-            self._pending.append((entry.key, entry.value, cause))
+    def add(self, key: K, value: V, ttl: SupportsFloat | StoreDefault | None = DEFAULT_TTL) -> bool:
+        """Store ``value`` only if ``key`` holds no live entry; return whether it did.
 
-    def _drop_expired(self, entry: Entry[K, V]) -> None:
-        """Remove an entry a read found past its deadline."""
-        if self._data.get(entry.key) is entry:  # another thread may have been first
-            del self._data[entry.key]
-            self._removed(entry, RemovalCause.EXPIRED)
+        Complexity as :meth:`set`.
+        """
+        ttl = self._ttl if ttl is DEFAULT_TTL else ttl_or_none("ttl", ttl)
+        return run(self, write, key, value, ttl, weigh(self, key, value), True)
 
-    def _expire(self, limit: int | None, now: float | None = None) -> int:
-        due = self._index.pop_due(self._clock() if now is None else now, limit, self._data)
-        if due:
-            # The index already deleted them from _data; account for them in bulk.
-            self._expirations += len(due)
-            if self._weigher is not None:
-                for entry in due:
-                    self._weight -= self._weighed.pop(entry.key)
-            if self._on_remove is not None:
-                expired = RemovalCause.EXPIRED
-                self._pending.extend((entry.key, entry.value, expired) for entry in due)
-        return len(due)
-
-    # ------------------------------------------------------------------ the write path
-
-    def _set(
+    def setdefault(
         self,
         key: K,
-        value: V,
-        ttl: float | None,
-        weight: float,
-        only_new: bool,
-        at: float | None = None,
-    ) -> bool:
-        """Write ``key``, due ``ttl`` from now (or ``at``); the body of set/add/[]=/compute.
+        default: V = None,
+        ttl: SupportsFloat | StoreDefault | None = DEFAULT_TTL,
+    ) -> V:
+        """Return the live value of ``key`` (a read), or store and return ``default``.
 
-        Returns False, doing nothing, if ``only_new`` and the key is live. The steps: a live
-        key is replaced in place; otherwise an expired entry of the key is dropped, room is
-        made (a due entry reclaimed, else the LRU one evicted), and a new entry is filed.
-        The replacement, the eviction and the FIFO filing are written out here rather than
-        called, each because a call measured slower (figures at each step: medians of 25
-        interleaved rounds, n = 1 000, CPython 3.11, against this code with that step moved
-        into a method of its own).
+        Complexity as :meth:`set`.
         """
-        now = self._clock()
-        deadline = (INF if ttl is None else now + ttl) if at is None else at
-        data = self._data
-        entry = data.get(key)
-        if entry is not None and entry.deadline > now:
-            if only_new:
-                return False
-            # Replace. Inline: as a _replace() call, set-update was 13-17 % slower.
-            data.move_to_end(key)
-            if self._weigher is not None:
-                # Count the new weight before making room, so the bound holds throughout.
-                self._weight -= self._weighed[key]
-                self._weighed[key] = 0.0
-                self._shed_weight(now, weight, replacing=True)
-            old_value = entry.value
-            entry.ttl = ttl
-            if entry.filed is not None and deadline >= entry.filed:
-                # _redate()'s common case, written out.
-                entry.value = value
-                entry.deadline = deadline
-            else:
-                self._redate(entry, deadline, value)
-            self._replacements += 1
-            if self._on_remove is not None:
-                self._pending.append((key, old_value, RemovalCause.REPLACED))
-        else:
-            if entry is not None:
-                del data[key]
-                self._removed(entry, RemovalCause.EXPIRED)
-            if len(data) >= self._maxsize:
-                # Make room. Inline: as a _make_room() call, set-evict was 4-8 % slower.
-                index = self._index
-                fifo = index.fifo
-                heap = index.heap
-                if (fifo and fifo[0].filed <= now) or (heap and heap[0][0] <= now):  # type: ignore[operator]
-                    # One due entry frees the one slot needed; the rest of a backlog is left
-                    # to sweeps and reads, so a write never pays for more than it frees.
-                    self._expire(1, now)
-                while len(data) >= self._maxsize:
-                    victim = data.popitem(False)[1]
-                    if victim.filed is not None:
-                        if fifo and fifo[0] is victim:
-                            fifo.popleft()  # the common case: LRU and FIFO heads coincide
-                        else:
-                            index.discard(victim, data)
-                    self._evictions += 1
-                    if self._weigher is not None:
-                        self._weight -= self._weighed.pop(victim.key)
-                    if self._on_remove is not None:
-                        self._pending.append((victim.key, victim.value, RemovalCause.EVICTED))
-            if self._weigher is not None:
-                self._shed_weight(now, weight, replacing=False)
-            if _PURE:
-                # Interpreted, a constructor call made set-evict 3-5 % slower (measured as
-                # above): build the entry without one. Compiled, the constructor is a direct
-                # C call, and the only way mypyc builds an Entry.
-                entry = _new_entry(Entry)
-                entry.key = key
-                entry.value = value
-                entry.deadline = deadline
-                entry.filed = None
-                entry.ttl = ttl
-            else:
-                entry = Entry(key, value, deadline, ttl)
-            data[key] = entry
-            fifo = self._index.fifo
-            # DeadlineIndex.file() written out for its common case (default TTL, in order):
-            # calling it made set-evict 8-9 % slower.
-            if ttl == self._ttl and deadline != INF and (not fifo or fifo[-1].filed <= deadline):  # type: ignore[operator]
-                entry.filed = deadline
-                fifo.append(entry)
-            elif deadline != INF:
-                self._index.file(entry)
-        if self._weigher is not None:
-            self._weighed[key] = weight
-            self._weight += weight
-        self._writes += 1
-        return True
+        ttl = self._ttl if ttl is DEFAULT_TTL else ttl_or_none("ttl", ttl)
+        value: V = run(self, do_setdefault, key, default, ttl, weigh(self, key, default))
+        return value
 
-    def _redate(self, entry: Entry[K, V], deadline: float, value: V) -> None:
-        """Give the live ``entry`` a new deadline and value, keeping the index exact.
+    def update(self, *args: Any, **kwargs: V) -> None:
+        """Store many items with the default TTL, all or none (checks run before any write).
 
-        A later deadline is updated in place (O(1)): the old item is re-filed when it
-        surfaces. An earlier one needs a fresh entry and index item (O(log n)).
+        O(m) amortized for m items.
         """
-        if entry.filed is None or deadline >= entry.filed:
-            entry.value = value
-            entry.deadline = deadline
-            if entry.filed is None and deadline != INF:
-                self._index.file(entry)
-        else:
-            fresh = Entry(entry.key, value, deadline, entry.ttl)
-            self._data[entry.key] = fresh
-            self._index.discard(entry, self._data)
-            self._index.file(fresh)
+        items = list(dict(*args, **kwargs).items())
+        weights = [weigh(self, key, value) for key, value in items]
+        run(self, do_update, items, weights)
 
-    def _shed_weight(self, now: float, weight: float, replacing: bool) -> None:
-        """Reclaim due entries, then evict LRU ones, until ``weight`` more fits the bound.
+    def compute(self, key: K, fn: Callable[[Slot[Any, Any]], R]) -> R:
+        """Read, decide and write or remove ``key`` atomically; return what ``fn`` returns.
 
-        When ``replacing``, the entry being replaced sits at the MRU end with weight 0 by now
-        and must never be its own victim: once it is the only one left, everything fits.
+        ``fn(slot)`` sees the key's live entry, if any (``slot.found``, ``slot.value``) and may
+        ask for a write (``slot.set(value, ttl=...)`` or ``deadline=...``) or a removal
+        (``slot.remove()``), done when ``fn`` returns. It all happens under one lock hold:
+        no other call on the store lands between the read and the write. The call counts as
+        a read (a hit, with recency and ``sliding`` as :meth:`get`, or a miss) and then as
+        the write or removal asked for; removal callbacks run after the lock is released.
+        If ``fn`` raises, nothing is changed or counted and the exception propagates.
+
+        ``fn`` runs while the store's lock is held, so it must not call this store (a
+        thread-safe store would deadlock); with a ``weigher``, the weigher runs there too.
+        O(1) plus ``fn``, or as :meth:`set` when it writes.
         """
-        maxweight = self._maxweight
-        # Due entries go first, one at a time: only as many as the new weight needs, so a
-        # backlog of due entries costs this write no more than what it frees.
-        while self._weight + weight > maxweight and self._expire(1, now):
-            pass
-        data = self._data
-        last = 1 if replacing else 0
-        while self._weight + weight > maxweight:
-            if len(data) <= last:
-                # Only float residue of many additions and subtractions is left over.
-                self._weight = 0.0
-                break
-            self._removed(data.popitem(False)[1], RemovalCause.EVICTED)
-
-    # ------------------------------------------------------------------ method bodies
-
-    def _setdefault(self, key: K, default: V, ttl: float | None, weight: float) -> V:
-        entry = self._live(key)
-        if entry is not None:
-            return self._hit(entry)
-        self._set(key, default, ttl, weight, False)
-        return default
-
-    def _update(self, items: list[tuple[K, V]], weights: list[float]) -> None:
-        for (key, value), weight in zip(items, weights, strict=True):
-            self._set(key, value, self._ttl, weight, False)
-
-    def _compute(self, key: K, fn: Callable[[Slot[K, V]], R]) -> R:
-        plan = self._plan
-        slot = self._slot
-        if plan.busy:  # an outer compute()'s function called this (unlocked) store
-            plan = Plan()
-            slot = Slot(plan)
-        entry = self._live(key)
-        slot.key = key
-        slot.now = now = self._clock()
-        if entry is None:
-            slot.found = False
-            slot.value = None  # type: ignore[assignment]
+        # _run() written out: this is the rate limiter's hot path.
+        lock = self._lock
+        if lock is None:
+            result = do_compute(self, key, fn)
         else:
-            slot.found = True
-            slot.value = entry.value
-        plan.op = KEEP
-        plan.busy = True
-        try:
-            result = fn(slot)
-        finally:
-            plan.busy = False
-            # Hold no reference to the value or key once the call is over.
-            slot.key = slot.value = None  # type: ignore[assignment]
-            slot.found = False
-        # fn returned: weigh what it asked to write (may raise: nothing done yet), count the
-        # read, then do what it asked for.
-        op = plan.op
-        if op == KEEP:
-            if entry is None:
-                self._misses += 1
-            else:
-                self._hit(entry)
-            return result
-        weight = 0.0
-        if op == WRITE and self._weigher is not None:
-            weight = self._weigh(key, plan.value)
-        if entry is None:
-            self._misses += 1
-        else:
-            self._hit(entry)
-        if op == WRITE:
-            self._compute_write(key, plan, now, weight)
-            plan.value = None
-        elif entry is not None:  # REMOVE
-            entry = self._data[key]  # _hit() may have renewed it, never replaced it
-            del self._data[key]
-            self._removed(entry, RemovalCause.DELETED)
+            lock.acquire()
+            try:
+                result = do_compute(self, key, fn)
+            finally:
+                lock.release()
+        if self._pending:
+            flush(self)
         return result
 
-    def _compute_write(self, key: K, plan: Plan, now: float, weight: float) -> None:
-        deadline = plan.deadline
-        if deadline is None:
-            ttl = self._ttl if plan.ttl is DEFAULT_TTL else plan.ttl
-            self._set(key, plan.value, ttl, weight, False)
-        elif deadline > now:
-            # The entry's own TTL (what sliding and touch() renew) is the time it was given.
-            self._set(key, plan.value, deadline - now, weight, False, deadline)
-        else:
-            entry = self._lookup(key)
-            if entry is not None:
-                del self._data[key]
-                self._removed(entry, RemovalCause.EXPIRED)
-
-    def _hit(self, entry: Entry[K, V]) -> V:
-        """Count a read of a live entry: recency, sliding deadline, stats."""
-        self._to_end(entry.key)
-        self._hits += 1
-        if self._sliding and entry.ttl is not None:
-            entry.deadline = max(entry.deadline, self._clock() + entry.ttl)
-        return entry.value
-
-    def _live(self, key: K) -> Entry[K, V] | None:
-        """The live entry of ``key``, reclaiming it if it is due."""
-        entry = self._lookup(key)
-        if entry is not None and entry.deadline <= self._clock():
-            self._drop_expired(entry)
-            return None
-        return entry
-
-    def _pop(self, key: K, default: Any) -> Any:
-        entry = self._live(key)
-        if entry is None:
-            return default
-        del self._data[key]
-        self._removed(entry, RemovalCause.DELETED)
-        return entry.value
-
-    def _popitem(self) -> tuple[K, V] | None:
-        self._expire(None)
-        if not self._data:
-            return None
-        key, entry = self._data.popitem(False)
-        self._removed(entry, RemovalCause.DELETED)
-        return key, entry.value
-
-    def _touch(self, key: K, ttl: float | StoreDefault | None) -> bool:
-        entry = self._live(key)
-        if entry is None:
-            return False
-        if ttl is not DEFAULT_TTL:
-            entry.ttl = ttl
-        self._to_end(key)
-        self._redate(entry, INF if entry.ttl is None else self._clock() + entry.ttl, entry.value)
-        return True
-
-    def _remaining(self, key: K) -> float | None:
-        entry = self._lookup(key)
-        now = self._clock()
-        if entry is None or entry.deadline <= now:
+    def __delitem__(self, key: K) -> None:
+        """Remove ``key`` (cause ``DELETED``); ``KeyError`` if absent or expired. O(1)."""
+        if run(self, do_pop, key, MISSING) is MISSING:
             raise KeyError(key)
-        return None if entry.deadline == INF else entry.deadline - now
 
-    def _claim(self, key: K) -> tuple[V | None, Flight | None, bool]:
-        """Look ``key`` up for get_or_set: (value, None, _) on a hit, else its flight."""
-        entry = self._live(key)
-        if entry is not None:
-            return self._hit(entry), None, False
-        self._misses += 1
-        flight = self._flights.get(key)
-        if flight is not None:
-            return None, flight, False
-        flight = self._flights[key] = Flight()
-        return None, flight, True
+    def pop(self, key: K, default: Any = MISSING) -> Any:
+        """Remove ``key`` and return its value (cause ``DELETED``), else ``default``. O(1).
 
-    def _land(self, key: K, flight: Flight) -> None:
-        if self._flights.get(key) is flight:
-            del self._flights[key]
+        Without ``default``, an absent or expired key raises ``KeyError``.
+        """
+        value = run(self, do_pop, key, default)
+        if value is MISSING:
+            raise KeyError(key)
+        return value
 
-    def _clear(self) -> None:
-        now = self._clock()
-        entries = list(self._data.values())
-        self._data.clear()
-        self._index.clear()
-        for entry in entries:
-            entry.filed = None  # the index is already empty: nothing turns stale
-            due = entry.deadline <= now
-            self._removed(entry, RemovalCause.EXPIRED if due else RemovalCause.DELETED)
-        self._weight = 0.0  # drop float residue
+    def popitem(self) -> tuple[K, V]:
+        """Remove and return the least recently used live item (cause ``DELETED``).
 
-    def _stats(self) -> StoreStats:
-        return StoreStats(
-            hits=self._hits,
-            misses=self._misses,
-            writes=self._writes,
-            expirations=self._expirations,
-            evictions=self._evictions,
-            deletions=self._deletions,
-            replacements=self._replacements,
-            size=self._live_count(),
-            weight=self._weight,
+        ``KeyError`` if the store holds no live entry. O(1) amortized.
+        """
+        reclaim_backlog(self)
+        item = run(self, do_popitem)
+        if item is None:
+            raise KeyError("popitem(): store is empty")
+        return item
+
+    def touch(self, key: K, ttl: SupportsFloat | StoreDefault | None = DEFAULT_TTL) -> bool:
+        """Renew the deadline of a live ``key`` to now + ``ttl`` and mark it most recently used.
+
+        Without ``ttl`` the entry's own TTL is renewed. Returns whether ``key`` was live.
+        O(1) when the deadline moves later, O(log n) when it moves earlier.
+        """
+        new_ttl = DEFAULT_TTL if ttl is DEFAULT_TTL else ttl_or_none("ttl", ttl)
+        return run(self, do_touch, key, new_ttl)
+
+    def ttl(self, key: K) -> float | None:
+        """Seconds left before ``key`` expires, ``None`` if it never does. O(1).
+
+        ``KeyError`` if ``key`` is absent or expired. Touches neither recency nor stats.
+        """
+        return run(self, remaining, key)
+
+    def expire(self, limit: object = None) -> int:
+        """Reclaim up to ``limit`` due entries now (all if ``None``); return how many.
+
+        Each counts as an expiration and is reported with cause ``EXPIRED``. O(k) for k
+        default-TTL entries, O(k log n) for entries with their own TTL.
+        """
+        if limit is not None:
+            limit = positive_int("limit", limit)
+        return run(self, expire_due, limit)
+
+    def get_or_set(
+        self,
+        key: K,
+        factory: Callable[[], V],
+        ttl: SupportsFloat | StoreDefault | None = DEFAULT_TTL,
+    ) -> V:
+        """Return the live value of ``key``, or compute it once with ``factory()`` and store it.
+
+        Concurrent callers of a missing key wait for one factory call and share its result; if
+        it raises, every one of them gets the exception and nothing is stored. A factory that
+        asks for its own key raises ``RuntimeError`` rather than deadlock. A factory that
+        returns an awaitable (an ``async def`` one) raises ``TypeError``: an async factory
+        needs ``ttlstore.memo.aget_or_set``. O(1) plus the one factory call; waiters block
+        until it returns.
+        """
+        ttl = self._ttl if ttl is DEFAULT_TTL else ttl_or_none("ttl", ttl)
+        found, flight, owner = run(self, claim, key)
+        if flight is None:
+            return found
+        if not owner:
+            if flight.owner == threading.get_ident():
+                raise RuntimeError(f"get_or_set factory for {key!r} asked for its own key")
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            return flight.value
+        try:
+            value = factory()
+            if isinstance(value, Awaitable):
+                if isinstance(value, Coroutine):
+                    value.close()  # never awaited by anyone: close it, so no warning leaks
+                raise TypeError(_ASYNC_FACTORY.format(factory=factory, value=value))
+            run(self, write, key, value, ttl, weigh(self, key, value), False)
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        else:
+            flight.value = value
+            return value
+        finally:
+            run(self, land, key, flight)
+            flight.done.set()
+
+    def clear(self) -> None:
+        """Remove every entry: live ones with cause ``DELETED``, due ones ``EXPIRED``. O(n)."""
+        run(self, do_clear)
+
+    # ------------------------------------------------------------------ observers
+
+    def stats(self) -> StoreStats:
+        """An immutable snapshot of the counters, taken at one instant. Reclaims nothing.
+
+        ``size`` is :meth:`live_count`; polling ``stats()`` (a dashboard, a metrics scrape)
+        therefore leaves due entries to the sweeper, whose counters stay meaningful. Cost as
+        :meth:`live_count`.
+        """
+        return run(self, snapshot_stats)
+
+    def live_count(self) -> int:
+        """Number of live entries, counted without reclaiming due ones or calling back.
+
+        Exact (equal to ``len(store)`` at the same instant) and side-effect free: for metrics
+        and health checks. O(1) when nothing is due, O(k) for k due entries not yet reclaimed
+        (a sweeper keeps k small).
+        """
+        return run(self, live_count)
+
+    @property
+    def maxsize(self) -> int:
+        """The most entries the store holds."""
+        return self._maxsize
+
+    @property
+    def threadsafe(self) -> bool:
+        """Whether every public method runs under the store's lock."""
+        return self._lock is not None
+
+    @property
+    def default_ttl(self) -> float | None:
+        """The TTL of entries written without one, ``None`` for no expiry."""
+        return self._ttl
+
+    def __len__(self) -> int:
+        """Number of live entries, after reclaiming due ones. O(1) amortized.
+
+        This reclaims (and calls back for) due entries; :meth:`live_count` counts the same
+        without touching anything.
+        """
+        reclaim_backlog(self)
+        return run(self, live_len)
+
+    def __iter__(self) -> Iterator[K]:
+        """Iterate over a snapshot of the live keys, least recently used first. O(n).
+
+        The snapshot is taken at one instant, so it never disagrees with ``len`` at that
+        instant, and later writes never break the iteration. Reclaims due entries first.
+        """
+        reclaim_backlog(self)
+        return iter(run(self, snapshot_keys))
+
+    def _snapshot_items(self) -> list[tuple[K, V]]:
+        """Every live (key, value) pair at one instant, LRU first. O(n)."""
+        reclaim_backlog(self)
+        return run(self, items_now)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # A shallow copy would share the entries, the index and the lock with this store.
+        raise TypeError(
+            "TTLStore cannot be copied or pickled; make a new store and update() it from "
+            "this one's items()"
         )
 
-    def _live_count(self) -> int:
-        return len(self._data) - self._index.count_due(self._clock(), self._data)
-
-    def _live_len(self) -> int:
-        self._expire(None)
-        return len(self._data)
-
-    def _snapshot_keys(self) -> list[K]:
-        self._expire(None)
-        return list(self._data)
-
-    def _items_now(self) -> list[tuple[K, V]]:
-        self._expire(None)
-        return [(key, entry.value) for key, entry in self._data.items()]
-
-    def _reclaim_backlog(self) -> None:
-        """Reclaim due entries slice by slice, releasing the lock in between.
-
-        Called before an operation that must reclaim every due entry under the lock (len,
-        iteration, popitem), so that a large backlog never blocks other threads for longer
-        than one slice; the operation itself then finds little left to do.
-        """
-        if self._lock is not None:
-            while self._run(self._expire, _BACKLOG_SLICE) == _BACKLOG_SLICE:
-                pass
+    def __repr__(self) -> str:
+        # Counts what is stored, due entries included: repr must not reclaim or call back.
+        ttl = "None" if self._ttl is None else f"{self._ttl:g}"
+        return (
+            f"<TTLStore stored={len(self._data)} maxsize={self._maxsize} ttl={ttl} "
+            f"sliding={self._sliding} threadsafe={self.threadsafe}>"
+        )

@@ -17,10 +17,14 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Mapping, MutableMapping
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeAlias
 
-K = TypeVar("K")
-V = TypeVar("V")
+# Keys and values as the compiled core sees them. The core is not Generic: mypyc gives a
+# Generic class a __dict__ and a weak-reference slot, which costs every entry 16 bytes and
+# which CPython 3.11's collector mis-traverses (a weak reference to such an object crashed it).
+# TTLStore declares the typed API.
+K: TypeAlias = Any
+V: TypeAlias = Any
 
 INF = float("inf")
 
@@ -34,7 +38,7 @@ _COMPACT_SLACK = 32
 _BULK_MIN = 64
 
 
-class Entry(Generic[K, V]):
+class Entry:
     """One stored item: the only per-entry object a store allocates."""
 
     __slots__ = ("deadline", "filed", "key", "ttl", "value")
@@ -51,7 +55,7 @@ class Entry(Generic[K, V]):
         self.ttl = ttl
 
 
-class DeadlineIndex(Generic[K, V]):
+class DeadlineIndex:
     """FIFO + binary heap of entry deadlines, with lazy deletion and compaction.
 
     Filing is O(1) for entries with the default TTL and O(log n) otherwise; reclaiming k due
@@ -65,15 +69,15 @@ class DeadlineIndex(Generic[K, V]):
         self._default_ttl = default_ttl
         # Public for the store's write path, which checks the FIFO's head inline. Both are
         # only ever changed in place, so a reference taken by the store stays valid.
-        self.fifo: deque[Entry[K, V]] = deque()
-        self.heap: list[tuple[float, int, Entry[K, V]]] = []
+        self.fifo: deque[Entry] = deque()
+        self.heap: list[tuple[float, int, Entry]] = []
         self.stale = 0
 
     def __len__(self) -> int:
         """Number of items held, stale ones included. O(1)."""
         return len(self.fifo) + len(self.heap)
 
-    def file(self, entry: Entry[K, V]) -> None:
+    def file(self, entry: Entry) -> None:
         """Index ``entry`` under its current (finite) deadline. O(1) FIFO, O(log n) heap."""
         deadline = entry.deadline
         entry.filed = deadline
@@ -93,7 +97,7 @@ class DeadlineIndex(Generic[K, V]):
         heap = self.heap
         return bool((fifo and fifo[0].filed <= now) or (heap and heap[0][0] <= now))  # type: ignore[operator]
 
-    def discard(self, entry: Entry[K, V], data: Mapping[K, Entry[K, V]]) -> None:
+    def discard(self, entry: Entry, data: Mapping[K, Entry]) -> None:
         """Record that indexed ``entry`` left ``data``; rebuild if stale items dominate.
 
         Amortized O(1): a rebuild costs O(n) and follows at least n/2 discards.
@@ -108,7 +112,7 @@ class DeadlineIndex(Generic[K, V]):
         if 2 * self.stale > len(self.fifo) + len(self.heap) + _COMPACT_SLACK:
             self._compact(data)
 
-    def count_due(self, now: float, data: Mapping[K, Entry[K, V]]) -> int:
+    def count_due(self, now: float, data: Mapping[K, Entry]) -> int:
         """How many entries of ``data`` are due at ``now``, changing nothing.
 
         Visits only items filed at or before ``now``: the FIFO's sorted prefix and the heap's
@@ -138,15 +142,13 @@ class DeadlineIndex(Generic[K, V]):
         self.heap.clear()
         self.stale = 0
 
-    def pop_due(
-        self, now: float, limit: int | None, data: MutableMapping[K, Entry[K, V]]
-    ) -> list[Entry[K, V]]:
+    def pop_due(self, now: float, limit: int | None, data: MutableMapping[K, Entry]) -> list[Entry]:
         """Delete from ``data`` and return up to ``limit`` live entries due at ``now``.
 
         Stale items met on the way are dropped and do not count. O(k) for FIFO entries,
         O(k log n) for heap entries.
         """
-        due: list[Entry[K, V]] = []
+        due: list[Entry] = []
         take = due.append
         budget = len(self) if limit is None else limit
         fifo = self.fifo
@@ -179,10 +181,10 @@ class DeadlineIndex(Generic[K, V]):
 
     def _settle(
         self,
-        entry: Entry[K, V],
+        entry: Entry,
         now: float,
-        data: MutableMapping[K, Entry[K, V]],
-        due: list[Entry[K, V]],
+        data: MutableMapping[K, Entry],
+        due: list[Entry],
     ) -> None:
         """Decide the fate of an item just taken off the index."""
         if data.get(entry.key) is not entry:
@@ -193,16 +195,14 @@ class DeadlineIndex(Generic[K, V]):
         else:
             self._refile(entry)
 
-    def _refile(self, entry: Entry[K, V]) -> None:
+    def _refile(self, entry: Entry) -> None:
         """File again a live entry whose deadline moved later since it was filed."""
         if entry.deadline == INF:
             entry.filed = None  # overwritten in place with no expiry: nothing to index
         else:
             self.file(entry)
 
-    def _pop_due_bulk(
-        self, now: float, data: MutableMapping[K, Entry[K, V]], due: list[Entry[K, V]]
-    ) -> None:
+    def _pop_due_bulk(self, now: float, data: MutableMapping[K, Entry], due: list[Entry]) -> None:
         """Take every due heap item in one pass and re-heapify the rest. O(n)."""
         heap = self.heap
         ripe = [item for item in heap if item[0] <= now]
@@ -212,7 +212,7 @@ class DeadlineIndex(Generic[K, V]):
         for item in ripe:
             self._settle(item[2], now, data, due)
 
-    def _compact(self, data: Mapping[K, Entry[K, V]]) -> None:
+    def _compact(self, data: Mapping[K, Entry]) -> None:
         """Drop every stale item. O(n)."""
         live = [e for e in self.fifo if data.get(e.key) is e]
         self.fifo.clear()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, ItemsView, Iterator, Mapping, ValuesView
 from typing import Any, TypeVar
 
-from ttlstore._core import MISSING
+from ttlstore._steps import MISSING
 
 __all__ = ["StoreItemsView", "StoreValuesView"]
 
