@@ -20,6 +20,7 @@ from ttlstore.idempotency import (
     Started,
     idempotent,
 )
+from ttlstore.memo import aget_or_set, cached
 from ttlstore.ratelimit import (
     Decision,
     Limit,
@@ -55,6 +56,8 @@ __all__ = [
     "SweeperStats",
     "TTLStore",
     "TokenBucketLimiter",
+    "aget_or_set",
+    "cached",
     "idempotent",
     "rate_limited",
 ]

@@ -1,0 +1,219 @@
+"""The asyncio half of :mod:`ttlstore.memo`: single flight over tasks, and refresh tasks.
+
+Imported only when an ``async def`` is cached or :func:`ttlstore.memo.aget_or_set` runs, so
+``import ttlstore`` stays free of asyncio.
+
+A flight belongs to the event loop it was started on: its computation is a task of that loop,
+and only tasks of that loop await it. Each caller awaits the task through ``asyncio.shield``,
+so cancelling one caller never cancels the task; the last caller to be cancelled cancels it,
+which is the only way the computation ever sees ``CancelledError`` from this module. A caller
+on another loop (another thread, or a later loop after this one closed) never awaits a
+foreign task: it starts its own flight once the old loop is closed, or computes on its own
+while that loop still runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+if TYPE_CHECKING:
+    from ttlstore.memo import _Memo
+    from ttlstore.store import TTLStore
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+_MISSING: Any = object()
+
+
+class Flight:
+    """One computation of a key on one event loop, awaited by the tasks that missed it."""
+
+    __slots__ = ("discard", "loop", "task", "waiters")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.task: asyncio.Task[Any] | None = None
+        self.waiters = 0
+        # Set by an invalidation while in flight: waiters get the result, the store does not.
+        self.discard = False
+
+
+Compute = Callable[[Flight], Coroutine[Any, Any, Any]]
+
+
+class Flights:
+    """The flights of one cache, by key; safe to share between threads and loops."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._flights: dict[Hashable, Flight] = {}
+
+    def discard(self, key: Hashable) -> None:
+        with self._lock:
+            flight = self._flights.get(key)
+            if flight is not None:
+                flight.discard = True
+
+    def discard_all(self) -> None:
+        with self._lock:
+            for flight in self._flights.values():
+                flight.discard = True
+
+    async def run(self, key: Hashable, compute: Compute) -> Any:
+        """Await the one computation of ``key`` on this loop, starting it if there is none."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            flight = self._flights.get(key)
+            if flight is not None and flight.loop is not loop and flight.loop.is_closed():
+                flight = None  # its loop ended without finishing it: start afresh here
+            foreign = flight is not None and flight.loop is not loop
+            if flight is None:
+                flight = self._flights[key] = Flight(loop)
+                started = flight.task = loop.create_task(compute(flight))
+                started.add_done_callback(functools.partial(self._landed, key, flight))
+        if foreign:
+            # The flight runs on another thread's loop: its task must not be awaited here.
+            return await compute(Flight(loop))
+        running = flight.task
+        assert running is not None
+        task: asyncio.Task[Any] = running
+        if task is asyncio.current_task():
+            raise RuntimeError(
+                f"{self._name}() asked for its own key {key!r} while computing it "
+                "(recursion through a cached function would wait on itself)"
+            )
+        flight.waiters += 1
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                flight.waiters -= 1
+                if flight.waiters == 0:
+                    # Every waiter is gone: nobody wants the result. Later callers start anew.
+                    with self._lock:
+                        if self._flights.get(key) is flight:
+                            del self._flights[key]
+                    task.cancel()
+            raise
+
+    def _landed(self, key: Hashable, flight: Flight, task: asyncio.Task[Any]) -> None:
+        with self._lock:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: the waiters have it (or nobody wanted it)
+
+
+def bind_miss(memo: _Memo) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """The miss path of one cached ``async def``."""
+    flights = memo.async_flights = Flights(memo.name)
+    func = memo.func
+    store = memo.store
+
+    async def compute(
+        key: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any], flight: Flight
+    ) -> Any:
+        # A flight that landed between the caller's lookup and this claim left its value.
+        value = store.peek(key, _MISSING)
+        if value is _MISSING:
+            value = await func(*args, **kwargs)
+            if not flight.discard:
+                memo.write(key, value)
+        return value
+
+    async def miss(key: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if memo.recent:
+            memo.drain()
+        try:
+            found, value, stale = memo.lookup(key)
+        except TypeError as exc:
+            raise memo.unhashable(exc, key) from None
+        if found:
+            if stale and memo.claim_refresh(key):
+                task = asyncio.get_running_loop().create_task(_refresh(memo, key, args, kwargs))
+                _background.add(task)
+                task.add_done_callback(_background.discard)
+                memo.refresh_started(key, task)
+            return value
+        memo.count_miss()
+        return await flights.run(key, functools.partial(compute, key, args, kwargs))
+
+    return miss
+
+
+# Refresh tasks are referenced here while they run: the loop holds tasks only weakly.
+_background: set[asyncio.Task[None]] = set()
+
+
+async def _refresh(memo: _Memo, key: Hashable, args: tuple[Any, ...], kwargs: Any) -> None:
+    error: BaseException | None = None
+    try:
+        memo.write(key, await memo.func(*args, **kwargs))
+    except asyncio.CancelledError:
+        raise  # the loop is shutting down: no failure, a later read may refresh again
+    except Exception as exc:
+        error = exc
+    finally:
+        memo.refresh_done(key, error)
+
+
+# ---------------------------------------------------------------------- aget_or_set
+
+# Flights of aget_or_set, per store, by id(): a TTLStore is a mapping, hence unhashable. The
+# weakref callback drops a store's flights when it dies, before its id() can be reused.
+_store_flights: dict[int, tuple[weakref.ref[Any], Flights]] = {}
+_store_lock = threading.Lock()
+
+
+def _forget_store(ident: int, ref: weakref.ref[Any]) -> None:
+    with _store_lock:
+        entry = _store_flights.get(ident)
+        if entry is not None and entry[0] is ref:
+            del _store_flights[ident]
+
+
+def _flights_of(store: TTLStore[Any, Any]) -> Flights:
+    ident = id(store)
+    with _store_lock:
+        entry = _store_flights.get(ident)
+        if entry is None:
+            ref = weakref.ref(store, functools.partial(_forget_store, ident))
+            entry = _store_flights[ident] = (ref, Flights("aget_or_set"))
+        return entry[1]
+
+
+async def get_or_set(
+    store: TTLStore[K, V],
+    key: K,
+    factory: Callable[[], Awaitable[V]],
+    write: Callable[[V], object],
+) -> V:
+    """The body of :func:`ttlstore.memo.aget_or_set` (arguments already checked)."""
+    value = store.get(key, _MISSING)
+    if value is not _MISSING:
+        return cast(V, value)
+
+    async def compute(flight: Flight) -> V:
+        found = store.peek(key, _MISSING)
+        if found is not _MISSING:
+            return cast(V, found)
+        awaitable = factory()
+        if not inspect.isawaitable(awaitable):
+            raise TypeError(
+                f"aget_or_set factory must return an awaitable, got {awaitable!r}; "
+                "use TTLStore.get_or_set for a plain function"
+            )
+        result = await awaitable
+        if not flight.discard:
+            write(result)
+        return result
+
+    return await _flights_of(store).run(key, compute)  # type: ignore[no-any-return]
