@@ -4,12 +4,12 @@ Imported only when an ``async def`` is cached or :func:`ttlstore.memo.aget_or_se
 ``import ttlstore`` stays free of asyncio.
 
 A flight belongs to the event loop it was started on: its computation is a task of that loop,
-and only tasks of that loop await it. Each caller awaits the task through ``asyncio.shield``,
-so cancelling one caller never cancels the task; the last caller to be cancelled cancels it,
-which is the only way the computation ever sees ``CancelledError`` from this module. A caller
-on another loop (another thread, or a later loop after this one closed) never awaits a
-foreign task: it starts its own flight once the old loop is closed, or computes on its own
-while that loop still runs.
+and only tasks of that loop await it (flights are kept by key *and* loop). Each caller awaits
+the task through ``asyncio.shield``, so cancelling one caller never cancels the task; the last
+caller to be cancelled cancels it, which is the only way the computation ever sees
+``CancelledError`` from this module. Tasks of another loop (another thread, or a later loop)
+share a flight of their own: two loops missing one key at once make one call each, and no
+future ever crosses loops.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _MISSING: Any = object()
 
 
 class Flight:
-    """One computation of a key on one event loop, awaited by the tasks that missed it."""
+    """One computation of a key on one event loop, awaited by that loop's tasks that missed it."""
 
     __slots__ = ("discard", "loop", "task", "waiters")
 
@@ -49,18 +49,19 @@ Compute = Callable[[Flight], Coroutine[Any, Any, Any]]
 
 
 class Flights:
-    """The flights of one cache, by key; safe to share between threads and loops."""
+    """The flights of one cache, by key and event loop; safe to share between threads."""
 
     def __init__(self, name: str) -> None:
         self._name = name
         self._lock = threading.Lock()
-        self._flights: dict[Hashable, Flight] = {}
+        self._flights: dict[tuple[Hashable, asyncio.AbstractEventLoop], Flight] = {}
+        self._prune_at = 64
 
     def discard(self, key: Hashable) -> None:
         with self._lock:
-            flight = self._flights.get(key)
-            if flight is not None:
-                flight.discard = True
+            for (flight_key, _), flight in self._flights.items():
+                if flight_key == key:
+                    flight.discard = True
 
     def discard_all(self) -> None:
         with self._lock:
@@ -70,18 +71,14 @@ class Flights:
     async def run(self, key: Hashable, compute: Compute) -> Any:
         """Await the one computation of ``key`` on this loop, starting it if there is none."""
         loop = asyncio.get_running_loop()
+        slot = (key, loop)
         with self._lock:
-            flight = self._flights.get(key)
-            if flight is not None and flight.loop is not loop and flight.loop.is_closed():
-                flight = None  # its loop ended without finishing it: start afresh here
-            foreign = flight is not None and flight.loop is not loop
+            flight = self._flights.get(slot)
             if flight is None:
-                flight = self._flights[key] = Flight(loop)
+                self._prune()
+                flight = self._flights[slot] = Flight(loop)
                 started = flight.task = loop.create_task(compute(flight))
-                started.add_done_callback(functools.partial(self._landed, key, flight))
-        if foreign:
-            # The flight runs on another thread's loop: its task must not be awaited here.
-            return await compute(Flight(loop))
+                started.add_done_callback(functools.partial(self._landed, slot, flight))
         running = flight.task
         assert running is not None
         task: asyncio.Task[Any] = running
@@ -99,15 +96,27 @@ class Flights:
                 if flight.waiters == 0:
                     # Every waiter is gone: nobody wants the result. Later callers start anew.
                     with self._lock:
-                        if self._flights.get(key) is flight:
-                            del self._flights[key]
+                        if self._flights.get(slot) is flight:
+                            del self._flights[slot]
                     task.cancel()
             raise
 
-    def _landed(self, key: Hashable, flight: Flight, task: asyncio.Task[Any]) -> None:
+    def _prune(self) -> None:
+        """Forget flights of closed loops (their tasks never land), once the table has grown."""
+        if len(self._flights) >= self._prune_at:
+            for slot in [slot for slot in self._flights if slot[1].is_closed()]:
+                del self._flights[slot]
+            self._prune_at = max(64, 2 * len(self._flights))
+
+    def _landed(
+        self,
+        slot: tuple[Hashable, asyncio.AbstractEventLoop],
+        flight: Flight,
+        task: asyncio.Task[Any],
+    ) -> None:
         with self._lock:
-            if self._flights.get(key) is flight:
-                del self._flights[key]
+            if self._flights.get(slot) is flight:
+                del self._flights[slot]
         if not task.cancelled():
             task.exception()  # retrieved: the waiters have it (or nobody wanted it)
 

@@ -970,8 +970,8 @@ async def aget_or_set(
     Tasks of one event loop that miss ``key`` together await one ``factory()`` call, run as a
     task of its own: its exception reaches each of them and nothing is stored; cancelling one
     waiter leaves the call running for the others, cancelling every waiter cancels it. A task
-    that asks for the key it is computing gets ``RuntimeError``. A caller on another event
-    loop (another thread) never awaits this loop's task: it computes on its own. ``ttl``
+    that asks for the key it is computing gets ``RuntimeError``. Tasks of another event loop
+    (another thread) share a call of their own: no task or future crosses loops. ``ttl``
     defaults to the store's. O(1) plus the one call.
     """
     from ttlstore import _memo_async
