@@ -5,11 +5,11 @@ Imported only when an ``async def`` is cached or :func:`ttlstore.memo.aget_or_se
 
 A flight belongs to the event loop it was started on: its computation is a task of that loop,
 and only tasks of that loop await it (flights are kept by key *and* loop). Each caller awaits
-the task through ``asyncio.shield``, so cancelling one caller never cancels the task; the last
-caller to be cancelled cancels it, which is the only way the computation ever sees
-``CancelledError`` from this module. Tasks of another loop (another thread, or a later loop)
-share a flight of their own: two loops missing one key at once make one call each, and no
-future ever crosses loops.
+a future of its own that the task resolves when it lands, so cancelling one caller never
+cancels the task; the last caller to be cancelled cancels it, which is the only way the
+computation ever sees ``CancelledError`` from this module. Tasks of another loop (another
+thread, or a later loop) share a flight of their own: two loops missing one key at once make
+one call each, and no future ever crosses loops.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ class Flight:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.task: asyncio.Task[Any] | None = None
-        self.waiters = 0
+        # One future per waiting caller, resolved when the task lands. A caller's cancellation
+        # cancels only its own future, never the task.
+        self.waiters: set[asyncio.Future[Any]] = set()
         # Set by an invalidation while in flight: waiters get the result, the store does not.
         self.discard = False
 
@@ -87,18 +89,18 @@ class Flights:
                 f"{self._name}() asked for its own key {key!r} while computing it "
                 "(recursion through a cached function would wait on itself)"
             )
-        flight.waiters += 1
+        waiter = loop.create_future()
+        flight.waiters.add(waiter)
         try:
-            return await asyncio.shield(task)
+            return await waiter
         except asyncio.CancelledError:
-            if not task.done():
-                flight.waiters -= 1
-                if flight.waiters == 0:
-                    # Every waiter is gone: nobody wants the result. Later callers start anew.
-                    with self._lock:
-                        if self._flights.get(slot) is flight:
-                            del self._flights[slot]
-                    task.cancel()
+            flight.waiters.discard(waiter)
+            if not task.done() and not flight.waiters:
+                # Every waiter is gone: nobody wants the result. Later callers start anew.
+                with self._lock:
+                    if self._flights.get(slot) is flight:
+                        del self._flights[slot]
+                task.cancel()
             raise
 
     def _prune(self) -> None:
@@ -117,22 +119,33 @@ class Flights:
         with self._lock:
             if self._flights.get(slot) is flight:
                 del self._flights[slot]
-        if not task.cancelled():
-            task.exception()  # retrieved: the waiters have it (or nobody wanted it)
+        cancelled = task.cancelled()
+        error = None if cancelled else task.exception()  # retrieved, whoever waits
+        for waiter in flight.waiters:
+            if waiter.done():
+                continue
+            if cancelled:
+                waiter.cancel()
+            elif error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(task.result())
+        flight.waiters.clear()
 
 
 def bind_miss(memo: _Memo) -> Callable[..., Coroutine[Any, Any, Any]]:
     """The miss path of one cached ``async def``."""
     flights = memo.async_flights = Flights(memo.name)
     func = memo.func
-    store = memo.store
+    stale_mode = memo.stale is not None
 
     async def compute(
         key: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any], flight: Flight
     ) -> Any:
-        # A flight that landed between the caller's lookup and this claim left its value.
-        value = store.peek(key, _MISSING)
-        if value is _MISSING:
+        # The store may hold what the hot path did not see: a value written by hand, one the
+        # front index let go, or a flight's that landed just before this claim.
+        found, value, _ = memo.lookup(key, count=False)
+        if not found:
             value = await func(*args, **kwargs)
             if not flight.discard:
                 memo.write(key, value)
@@ -141,17 +154,19 @@ def bind_miss(memo: _Memo) -> Callable[..., Coroutine[Any, Any, Any]]:
     async def miss(key: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if memo.recent:
             memo.drain()
-        try:
-            found, value, stale = memo.lookup(key)
-        except TypeError as exc:
-            raise memo.unhashable(exc, key) from None
-        if found:
-            if stale and memo.claim_refresh(key):
-                task = asyncio.get_running_loop().create_task(_refresh(memo, key, args, kwargs))
-                _background.add(task)
-                task.add_done_callback(_background.discard)
-                memo.refresh_started(key, task)
-            return value
+        if stale_mode:  # the hot path cannot tell a stale entry: look here
+            try:
+                found, value, stale = memo.lookup(key)
+            except TypeError as exc:
+                raise memo.unhashable(exc, key) from None
+            if found:
+                if stale and memo.claim_refresh(key):
+                    loop = asyncio.get_running_loop()
+                    task = loop.create_task(_refresh(memo, key, args, kwargs))
+                    _background.add(task)
+                    task.add_done_callback(_background.discard)
+                    memo.refresh_started(key, task)
+                return value
         memo.count_miss()
         return await flights.run(key, functools.partial(compute, key, args, kwargs))
 

@@ -165,12 +165,17 @@ _token_of = _tokens.get
 
 
 class _Flight:
-    """One computation of a key in progress, which other threads of the key wait on."""
+    """One computation of a key in progress, which other threads of the key wait on.
+
+    ``done`` is a lock the owner holds until the result is in: a waiter acquires and releases
+    it (far cheaper to make than a ``threading.Event``, and a miss makes one).
+    """
 
     __slots__ = ("discard", "done", "error", "owner", "value")
 
     def __init__(self) -> None:
-        self.done = threading.Event()
+        self.done = threading.Lock()
+        self.done.acquire()
         self.owner = threading.get_ident()
         self.value: Any = None
         self.error: BaseException | None = None
@@ -274,13 +279,18 @@ class _Memo:
         for key in reversed(list(dict.fromkeys(reversed(keys)))):
             get(key)
 
-    def lookup(self, key: Hashable) -> tuple[bool, Any, bool]:
-        """Read the store: ``(found, value, stale)``; a fresh value refills the front index."""
+    def lookup(self, key: Hashable, count: bool = True) -> tuple[bool, Any, bool]:
+        """Read the store: ``(found, value, stale)``; a fresh value refills the front index.
+
+        A value found counts as a hit if ``count`` (a caller that joined a flight has been
+        counted as a miss already).
+        """
         store = self.store
         value = store.get(key, _MISSING)
         if value is _MISSING:
             return False, None, False
-        next(self.hits)
+        if count:
+            next(self.hits)
         stale = self.stale
         if stale is None and self.front is None:
             return True, value, False
@@ -294,7 +304,8 @@ class _Memo:
             if self.front is not None:
                 self.front[key] = (value, now + fresh_left)
             return True, value, False
-        next(self.stale_hits)
+        if count:
+            next(self.stale_hits)
         return True, value, True
 
     def count_miss(self) -> None:
@@ -306,14 +317,15 @@ class _Memo:
         """A call the hit path did not answer: read the store, else compute once per key."""
         if self.recent:
             self.drain()
-        try:
-            found, value, stale = self.lookup(key)
-        except TypeError as exc:
-            raise self.unhashable(exc, key) from None
-        if found:
-            if stale:
-                self.refresh_in_thread(key, args, kwargs)
-            return value
+        if self.stale is not None:  # the hot path cannot tell a stale entry: look here
+            try:
+                found, value, stale = self.lookup(key)
+            except TypeError as exc:
+                raise self.unhashable(exc, key) from None
+            if found:
+                if stale:
+                    self.refresh_in_thread(key, args, kwargs)
+                return value
         lock = self.lock
         lock.acquire()
         flight = self.flights.get(key)
@@ -328,15 +340,17 @@ class _Memo:
                     "(recursion through a cached function would wait on itself)"
                 )
             next(self.misses)
-            flight.done.wait()
+            flight.done.acquire()
+            flight.done.release()
             if flight.error is not None:
                 raise flight.error
             return flight.value
         next(self.misses)
         try:
-            # A flight that landed between our lookup and our claim left its value behind.
-            value = self.store.peek(key, _MISSING)
-            if value is _MISSING:
+            # The store may hold what the hot path did not see: a value written by hand, one
+            # the front index let go, or a flight's that landed just before this claim.
+            found, value, _ = self.lookup(key, count=False)
+            if not found:
                 value = self.func(*args, **kwargs)
                 if not flight.discard:
                     self.write(key, value)
@@ -351,7 +365,7 @@ class _Memo:
             if self.flights.get(key) is flight:
                 del self.flights[key]
             lock.release()
-            flight.done.set()
+            flight.done.release()
 
     def unhashable(self, exc: TypeError, key: Hashable) -> TypeError:
         """The error for a key that cannot be hashed, naming the function."""
