@@ -131,6 +131,7 @@ def markdown(report: Report) -> str:
     if limiters:
         out += _limiter_section(limiters)
     out += _redis_section(report.get("redis"))
+    out += _memoize_section(report.get("memoize"))
     return "\n".join(out) + "\n"
 
 
@@ -146,6 +147,88 @@ def _redis_section(redis: dict[str, Any] | None) -> list[str]:
         f"| {row['case']} | {row['calls_per_second']:,.0f} | {row['us_per_call']:.1f} |"
         for row in redis["rows"]
     ]
+    return out
+
+
+def _memoize_section(section: dict[str, Any] | None) -> list[str]:
+    """The "Memoization" section: decorator hit/miss costs, stampede calls, targets."""
+    if section is None:
+        return []
+    libs = section["libraries"]
+    cells = {(c["workload"], c["library"]): c for c in section["results"]}
+    out = [
+        "",
+        f"## Memoization: decorators (n = {_size(section['n'])})",
+        "",
+        "Each library memoizes `ident(k) -> k` with room for n entries (TTL one hour where it "
+        "takes one). **hit**: `f(k)` / `await f(k)` over n cached keys; **miss**: a new key on "
+        "a full cache (compute, store, evict). Median ns per call over the interleaved repeats "
+        "(min-max in brackets), the timing loop included.",
+        "",
+    ]
+    workloads = section["workloads"]
+    rows = []
+    for lib in libs:
+        status = "" if lib["status"] == "ok" else f" (**missing**: {lib['error']})"
+        row = [f"`{lib['name']}` {lib['version'] or ''}{status}".rstrip()]
+        for workload in workloads:
+            cell = cells.get((workload["name"], lib["name"]))
+            row.append("—" if cell is None or cell["status"] == "skipped" else _cell(cell))
+        rows.append(row)
+    out += _table(
+        ["library", *(w["name"] for w in workloads)],
+        ["---"] + ["---:"] * len(workloads),
+        rows,
+    )
+    stampede = {(r["library"], r["kind"]): r for r in section["stampede"]}
+    threads = next((r["callers"] for r in section["stampede"] if r["kind"] == "threads"), 0)
+    tasks = next((r["callers"] for r in section["stampede"] if r["kind"] == "tasks"), 0)
+    out += [
+        "",
+        f"### Stampede: calls of the body when {threads} threads / {tasks} tasks miss one key "
+        f"at once (the body takes {section['stampede_seconds'] * 1000:.0f} ms)",
+        "",
+    ]
+
+    def calls(row: dict[str, Any] | None) -> str:
+        if row is None or row["status"] == "skipped":
+            return "—"
+        if row["status"] != "ok":
+            return row["status"]
+        return str(row["calls"]) if row["calls"] == 1 else f"**{row['calls']}**"
+
+    out += _table(
+        ["library", f"{threads} threads", f"{tasks} tasks"],
+        ["---", "---:", "---:"],
+        (
+            [
+                f"`{lib['name']}`",
+                calls(stampede.get((lib["name"], "threads"))),
+                calls(stampede.get((lib["name"], "tasks"))),
+            ]
+            for lib in libs
+        ),
+    )
+    targets = section.get("targets") or []
+    if targets:
+        out += ["", "### Targets of issue 10 (ratio = ttlstore's median / the peer's)", ""]
+        out += _table(
+            ["target", "measured", "limit", "met"],
+            ["---", "---:", "---:", "---"],
+            (
+                [
+                    row["target"],
+                    f"{row['ratio']:.0f} calls" if row["peer"] is None else f"{row['ratio']:.2f}x",
+                    f"{row['limit']:.0f} call" if row["peer"] is None else f"{row['limit']:.2f}x",
+                    "yes" if row["met"] else "**no**",
+                ]
+                for row in targets
+            ),
+        )
+    notes = [(lib["name"], note) for lib in libs for note in lib["notes"]]
+    if notes:
+        out += [""]
+        out += [f"- `{name}`: {note}" for name, note in notes]
     return out
 
 

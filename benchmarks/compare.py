@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from benchmarks import _report, _targets
+from benchmarks import _memoize, _report, _targets
 from benchmarks._limiters import LIMITER_BASELINE, LIMITERS, LimiterAdapter
 from benchmarks._memory import rss_bytes_per_entry, traced_bytes_per_entry
 from benchmarks._peers import (
@@ -85,6 +85,10 @@ class Config:
     limiter_baseline: str = LIMITER_BASELINE
     #: Seconds per case of the Redis round-trip measurement (0: skip it).
     redis_seconds: float = 1.0
+    #: The memoize section (decorators, at the smallest size): its libraries, or () to skip.
+    memoizers: Sequence[_memoize.Memoizer] = _memoize.MEMOIZERS
+    #: Callers of the memoize stampede: (threads, tasks).
+    stampede: tuple[int, int] = (100, 1_000)
 
     @property
     def budget(self) -> Budget:
@@ -427,6 +431,7 @@ def run(config: Config, log: TextIO = sys.stderr) -> dict[str, Any]:
         ),
     }
     report["redis"] = _redis_round_trips(config.redis_seconds, log)
+    report["memoize"] = _memoize_section(config, log)
     report["targets"] = _targets.check(report)
     return report
 
@@ -453,6 +458,23 @@ def _redis_round_trips(seconds: float, log: TextIO) -> dict[str, Any] | None:
         server.close()
     print(f"redis round trips: {len(rows)} cases measured", file=log)
     return {"status": "ok", "rows": [dataclasses.asdict(row) for row in rows]}
+
+
+def _memoize_section(config: Config, log: TextIO) -> dict[str, Any] | None:
+    """The memoize section (see ``benchmarks/_memoize.py``), at the smallest size."""
+    if not config.memoizers:
+        return None
+    budget = config.budget
+    settings = _memoize.Settings(
+        n=min(config.sizes),
+        repeats=config.repeats,
+        target_ns=budget.target_ns,
+        min_ops=budget.min_ops,
+        max_ops=budget.max_ops,
+        threads=config.stampede[0],
+        tasks=config.stampede[1],
+    )
+    return _memoize.run(settings, log, config.memoizers)
 
 
 def _presence(library: Library, missing: dict[str, str]) -> dict[str, Any]:
