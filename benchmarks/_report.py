@@ -150,6 +150,10 @@ def _redis_section(redis: dict[str, Any] | None) -> list[str]:
     return out
 
 
+def _calls(count: float) -> str:
+    return f"{count:.0f} call" + ("" if count == 1 else "s")
+
+
 def _memoize_section(section: dict[str, Any] | None) -> list[str]:
     """The "Memoization" section: decorator hit/miss costs, stampede calls, targets."""
     if section is None:
@@ -218,7 +222,7 @@ def _memoize_section(section: dict[str, Any] | None) -> list[str]:
             (
                 [
                     row["target"],
-                    f"{row['ratio']:.0f} calls" if row["peer"] is None else f"{row['ratio']:.2f}x",
+                    _calls(row["ratio"]) if row["peer"] is None else f"{row['ratio']:.2f}x",
                     f"{row['limit']:.0f} call" if row["peer"] is None else f"{row['limit']:.2f}x",
                     "yes" if row["met"] else "**no**",
                 ]
