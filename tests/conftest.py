@@ -28,33 +28,30 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _new_server() -> RedisServer:
+def _serving() -> Iterator[RedisServer]:
+    """A started server, closed when the fixture ends."""
     try:
         import redis  # noqa: F401
     except ImportError:
         _unavailable("redis-py is not installed (pip install 'ttlstore[redis]')")
     try:
-        return RedisServer().start()
+        server = RedisServer().start()
     except RedisServerError as error:
         _unavailable(str(error))
         raise
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """The suite's shared server; each test uses fresh keys or flushes what it needs."""
-    server = _new_server()
-    try:
-        yield server
-    finally:
-        server.close()
+    yield from _serving()
 
 
 @pytest.fixture
 def fresh_redis_server() -> Iterator[RedisServer]:
     """A private server for one test, which may stop or pause it."""
-    server = _new_server()
-    try:
-        yield server
-    finally:
-        server.close()
+    yield from _serving()
