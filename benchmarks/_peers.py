@@ -38,21 +38,6 @@ class Unsupported(Exception):
     """This library cannot run this workload; the message says why (it goes into the table)."""
 
 
-class FakeClock:
-    """A settable clock for libraries that accept one (``clock=``, ``timer=``)."""
-
-    __slots__ = ("now",)
-
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @dataclass(frozen=True)
 class Op:
     """One operation as source code.

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from benchmarks._limiters import ROOMY, TIGHT, LimiterAdapter, Quota
-from benchmarks._peers import VALUE, Adapter, FakeClock, Loop, Unsupported
+from benchmarks._peers import VALUE, Adapter, Loop, Unsupported
+from ttlstore.testing import FakeClock
 
 #: Share of writes in the mixed workload.
 WRITE_SHARE = 0.2

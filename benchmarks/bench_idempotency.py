@@ -24,8 +24,7 @@ from typing import Any
 
 import pytest
 
-from ttlstore._http import Message, Receive, Scope, Send
-from ttlstore.asgi import IdempotencyMiddleware
+from ttlstore.asgi import IdempotencyMiddleware, Message, Receive, Scope, Send
 from ttlstore.idempotency import IdempotencyStore, Replay, Started
 
 MAXSIZE = 5_000  # the default: what the seed service keeps

@@ -33,8 +33,7 @@ from typing import Any
 
 import pytest
 
-from tests._redis_fixture import RedisServer
-from tests._redis_fixture import redis_server as redis_server
+from ttlstore.testing import RedisServer
 
 ROOMY = 10**12  # tokens: no run drains the bucket
 BATCH = 100  # awaits per timed round of the async cases

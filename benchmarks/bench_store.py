@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from benchmarks._peers import FakeClock
 from ttlstore import TTLStore
+from ttlstore.testing import FakeClock
 
 OPS = 1000
 SIZES = [1_000, 100_000]

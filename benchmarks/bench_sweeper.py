@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from benchmarks._peers import FakeClock
 from ttlstore import TTLStore
 from ttlstore.sweeper import AsyncSweeper, Sweeper
+from ttlstore.testing import FakeClock
 
 BACKLOG = 100_000
 TTL = 3600.0

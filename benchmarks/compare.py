@@ -1,13 +1,15 @@
 """Compare ttlstore with the stores a user would pick instead, in one process.
 
-    python -m benchmarks.compare [--quick | --full] [--sizes N ...] [--repeats R] [--out DIR]
+    python -m benchmarks.compare [--quick | --full] [--sizes N ...] [--repeats R]
+                                 [--out DIR | --refresh]
 
 Times get-hit, get-miss, set-update, set-with-eviction, a mixed 80/20 zipf-like workload and bulk
 expiry for every library in :data:`benchmarks._peers.ADAPTERS`, at each size, on the same
 pre-generated keys; measures memory per entry with tracemalloc; times a rate limiter's acquire
 (allowed, refused, and over n keys) for every limiter in :data:`benchmarks._limiters.LIMITERS`;
-writes ``latest.md``, ``latest.json`` and ``latest.png`` to ``--out`` (default
-``benchmarks/results``) and prints the Markdown. Progress goes to stderr.
+writes ``latest.md``, ``latest.json`` and ``latest.png`` to ``--out`` (default ``.bench/``, which
+git ignores; ``--refresh`` writes the committed ``benchmarks/results`` instead) and prints the
+Markdown. Progress goes to stderr.
 
 Method: for each (size, workload) every library gets its own store, filled with the same keys.
 Each store is first run once to warm up and to fix how many operations one sample takes (about
@@ -59,6 +61,8 @@ from benchmarks._workloads import (
 )
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: Where a run writes unless told otherwise: ignored by git, so a run leaves the tree clean.
+SCRATCH_DIR = Path(__file__).resolve().parent.parent / ".bench"
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ class Config:
     memory_n: int | None = 100_000
     #: Also measure resident-set growth per entry, one fresh child process per library.
     rss: bool = True
-    out: Path = RESULTS_DIR
+    out: Path = SCRATCH_DIR
     plot: bool = True
     seed: int = 1_234
     mode: str = "default"
@@ -447,7 +451,7 @@ def _redis_round_trips(seconds: float, log: TextIO) -> dict[str, Any] | None:
         return {"status": "skipped: no redis-server on PATH", "rows": []}
     try:
         from benchmarks import bench_redis
-        from tests._redis_fixture import RedisServer
+        from ttlstore.testing import RedisServer
     except ImportError as error:  # redis-py missing: the bench extra brings it
         print(f"redis round trips: skipped ({error})", file=log)
         return {"status": f"skipped: {error}", "rows": []}
@@ -554,7 +558,15 @@ def _parse(argv: Sequence[str]) -> Config:
         metavar="S",
         help="budget per Redis round-trip case (0: skip; needs redis-server on PATH)",
     )
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--out", type=Path, default=SCRATCH_DIR, help="output directory (default: .bench/)"
+    )
+    where.add_argument(
+        "--refresh",
+        action="store_true",
+        help=f"write the committed results in {RESULTS_DIR.parent.name}/{RESULTS_DIR.name}/",
+    )
     parser.add_argument(
         "--no-rss", action="store_true", help="skip the resident-set measurement (child processes)"
     )
@@ -562,7 +574,7 @@ def _parse(argv: Sequence[str]) -> Config:
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL if args.full else DEFAULT
     changes: dict[str, Any] = {
-        "out": args.out,
+        "out": RESULTS_DIR if args.refresh else args.out,
         "plot": not args.no_plot,
         "rss": not args.no_rss,
         "command": " ".join(["python -m benchmarks.compare", *argv]),

@@ -8,7 +8,8 @@ the lifespan reclaims expired records, abandoned claims and refilled buckets eve
 memory is returned even for keys nobody uses again. Every POST and PATCH carrying an
 ``Idempotency-Key`` runs at most once per key and API key.
 
-Run it with ``uvicorn examples.service:app``, then::
+Run it from the repository's root with
+``pip install -e '.[example]' && uvicorn examples.service:app``, then::
 
     curl -X POST localhost:8000/orders -H 'X-API-Key: k1' -H 'Idempotency-Key: "o-1"' \\
          -H 'Content-Type: application/json' -d '{"item": "book", "quantity": 1}'
@@ -48,7 +49,7 @@ class Order(OrderIn):
     id: int
 
 
-def api_key_scope(scope: Scope) -> str:
+def api_key_of(scope: Scope) -> str:
     """The client's API key: one client can never be answered with another's stored order.
 
     Requests without one share a namespace; a real service would have refused them already.
@@ -62,7 +63,7 @@ def create_app(
     limiter: TokenBucketLimiter | None = None,
     *,
     sweep_interval: float = SWEEP_INTERVAL,
-    scope: Callable[[Scope], str] = api_key_scope,
+    tenant: Callable[[Scope], str] = api_key_of,
 ) -> FastAPI:
     """Build the service; tests pass stores on a fake clock and a short sweep interval."""
     if store is None:
@@ -81,9 +82,9 @@ def create_app(
     app.state.idempotency = store
     app.state.limiter = limiter
     app.state.sweeper = sweeper
-    app.add_middleware(IdempotencyMiddleware, store=store, scope=scope)
+    app.add_middleware(IdempotencyMiddleware, store=store, tenant=tenant)
     # Added last, so it runs first: a refused request never claims an idempotency key.
-    app.add_middleware(RateLimitMiddleware, limiter=limiter, key=scope)
+    app.add_middleware(RateLimitMiddleware, limiter=limiter, key=tenant)
 
     # The orders are the business data of the demo, not service state: a real service keeps them
     # in its database. Only the idempotency records and buckets need bounding here.

@@ -1,24 +1,57 @@
-"""Shared fixtures: a fake clock, so no test sleeps for correctness."""
+"""Shared fixtures: a fake clock (no test sleeps for correctness) and real redis-servers.
+
+``redis_server`` (session scope) is one server shared by every test that asks for it;
+``fresh_redis_server`` starts a private one per test, for tests that stop or pause it. Without
+the ``redis-server`` binary (or redis-py) those tests skip with the reason; with ``CI=true`` in
+the environment they fail instead, so CI cannot pass by skipping.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
 import pytest
 
-
-class FakeClock:
-    """A monotonic clock that moves only when told to."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        assert seconds >= 0, "a monotonic clock never goes back"
-        self.now += seconds
+from ttlstore.testing import FakeClock, RedisServer, RedisServerError
 
 
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+def _unavailable(reason: str) -> None:
+    """Skip, or fail under CI: a Redis test that cannot run must not pass there."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: the Redis tests must run)", pytrace=False)
+    pytest.skip(reason)
+
+
+def _serving() -> Iterator[RedisServer]:
+    """A started server, closed when the fixture ends."""
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        _unavailable("redis-py is not installed (pip install 'ttlstore[redis]')")
+    try:
+        server = RedisServer().start()
+    except RedisServerError as error:
+        _unavailable(str(error))
+        raise
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """The suite's shared server; each test uses fresh keys or flushes what it needs."""
+    yield from _serving()
+
+
+@pytest.fixture
+def fresh_redis_server() -> Iterator[RedisServer]:
+    """A private server for one test, which may stop or pause it."""
+    yield from _serving()

@@ -9,7 +9,6 @@ scope isolation, the body limits and the stored-status policy.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,69 +16,21 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import FakeClock
-from tests.test_idempotency import AsyncStore
-from ttlstore._http import Message, Receive, Scope, Send, get_header
+from tests._support import AsyncStore, CountingApp, start_message
 from ttlstore.asgi import (
     DEFAULT_STORE_STATUSES,
     IdempotencyMiddleware,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    get_header,
     parse_idempotency_key,
 )
 from ttlstore.idempotency import IdempotencyStore, Outcome, Started
+from ttlstore.testing import FakeClock
 
 KEY = "Idempotency-Key"
-
-
-class CountingApp:
-    """A raw ASGI app that counts executions.
-
-    ``/status/<code>`` answers that status; ``/stream/<n>`` streams n chunks of ``chunk``;
-    ``/boom`` raises. Everything else answers 201 with a JSON echo. When ``gate`` is set,
-    each execution waits on it after signalling ``entered``.
-    """
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.entered = asyncio.Event()
-        self.gate: asyncio.Event | None = None
-        self.chunk = b"0123456789"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        assert scope["type"] == "http"
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
-        self.calls += 1
-        n = self.calls
-        self.entered.set()
-        if self.gate is not None:
-            await self.gate.wait()
-        path: str = scope["path"]
-        if path == "/boom":
-            raise RuntimeError("handler failed")
-        if path.startswith("/stream/"):
-            await send(_start(200, n))
-            chunks = int(path.rsplit("/", 1)[1])
-            for i in range(chunks):
-                more = i < chunks - 1
-                await send({"type": "http.response.body", "body": self.chunk, "more_body": more})
-            return
-        status = int(path.rsplit("/", 1)[1]) if path.startswith("/status/") else 201
-        payload = json.dumps(
-            {"n": n, "method": scope["method"], "path": path, "body": body.decode()}
-        ).encode()
-        await send(_start(status, n, len(payload)))
-        await send({"type": "http.response.body", "body": payload})
-
-
-def _start(status: int, n: int, length: int | None = None) -> Message:
-    headers = [(b"content-type", b"application/json"), (b"x-execution", str(n).encode())]
-    if length is not None:
-        headers.append((b"content-length", str(length).encode()))
-    return {"type": "http.response.start", "status": status, "headers": headers}
 
 
 @pytest.fixture
@@ -300,7 +251,7 @@ async def test_scope_keeps_tenants_apart(app: CountingApp, store: IdempotencySto
     def tenant(scope: Scope) -> str:
         return (get_header(scope, b"x-tenant") or b"").decode()
 
-    async with client_for(IdempotencyMiddleware(app, store, scope=tenant)) as client:
+    async with client_for(IdempotencyMiddleware(app, store, tenant=tenant)) as client:
         a = await client.post("/orders", content=b"same", headers={KEY: "k", "x-tenant": "a"})
         b = await client.post("/orders", content=b"same", headers={KEY: "k", "x-tenant": "b"})
         assert a.headers["x-execution"] == "1" and b.headers["x-execution"] == "2"
@@ -311,12 +262,12 @@ async def test_scope_keeps_tenants_apart(app: CountingApp, store: IdempotencySto
     assert app.calls == 2
 
 
-async def test_a_scope_that_returns_no_string_is_an_error(
+async def test_a_tenant_that_returns_no_string_is_an_error(
     app: CountingApp, store: IdempotencyStore
 ) -> None:
-    middleware = IdempotencyMiddleware(app, store, scope=lambda scope: 42)  # type: ignore[arg-type, return-value]
+    middleware = IdempotencyMiddleware(app, store, tenant=lambda scope: 42)  # type: ignore[arg-type, return-value]
     async with client_for(middleware) as client:
-        with pytest.raises(TypeError, match="scope callable must return a str, got 42"):
+        with pytest.raises(TypeError, match="tenant callable must return a str, got 42"):
             await client.post("/orders", headers={KEY: "k"})
 
 
@@ -345,7 +296,7 @@ async def test_request_bodies_over_max_body_get_413(
 
 
 # Bytes of the header fields of a /stream response: they count against max_response too.
-STREAM_HEADERS = sum(len(k) + len(v) for k, v in _start(200, 1)["headers"])
+STREAM_HEADERS = sum(len(k) + len(v) for k, v in start_message(200, 1)["headers"])
 
 
 async def test_a_streamed_response_is_stored_whole_and_replayed(
@@ -565,7 +516,7 @@ async def test_a_claim_that_outlives_its_lease_is_not_stored(
         ({"header": 5}, TypeError, "header must be a header field name .str., got 5"),
         ({"methods": [5]}, TypeError, "methods must hold HTTP method names .str., got 5"),
         ({"required": "yes"}, TypeError, "required must be a bool, got 'yes'"),
-        ({"scope": "tenant"}, TypeError, "scope must be a callable"),
+        ({"tenant": "t"}, TypeError, "tenant must be a callable"),
         ({"max_body": 0}, ValueError, "max_body must be a positive int, got 0"),
         ({"max_response": 1.5}, TypeError, "max_response must be a positive int, got 1.5"),
         ({"store_statuses": 200}, TypeError, "store_statuses must be a collection of ints"),

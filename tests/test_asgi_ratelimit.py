@@ -12,11 +12,18 @@ import http_sf
 import httpx
 import pytest
 
-from tests.conftest import FakeClock
 from ttlstore._errors import BackendUnavailable
-from ttlstore._http import Message, Receive, Scope, Send, get_header
-from ttlstore._ratelimit_asgi import RateLimitMiddleware, client_host
+from ttlstore.asgi import (
+    Message,
+    RateLimitMiddleware,
+    Receive,
+    Scope,
+    Send,
+    client_host,
+    get_header,
+)
 from ttlstore.ratelimit import Decision, Limit, TokenBucketLimiter
+from ttlstore.testing import FakeClock
 
 
 async def hello(scope: Scope, receive: Receive, send: Send) -> None:

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 
 # The shared server's session fixture, which the `backend` fixture requests for Redis.
-from tests._redis_fixture import redis_server  # noqa: F401
 from ttlstore.idempotency import (
     IdempotencyStore,
     InProgress,

@@ -26,10 +26,10 @@ from examples.service import (
     create_app,
 )
 from examples.service import app as default_app
-from tests.conftest import FakeClock
-from ttlstore._http import Message
+from ttlstore.asgi import Message
 from ttlstore.idempotency import IdempotencyStore
 from ttlstore.ratelimit import TokenBucketLimiter
+from ttlstore.testing import FakeClock
 
 ORDER = {"item": "book", "quantity": 2}
 

@@ -21,7 +21,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, multiple, rule
 
-from tests.conftest import FakeClock
+from tests._support import AsyncStore
 from ttlstore.idempotency import (
     AsyncIdempotencyBackend,
     Busy,
@@ -38,6 +38,7 @@ from ttlstore.idempotency import (
     idempotent,
 )
 from ttlstore.sweeper import AsyncSweeper, Sweeper
+from ttlstore.testing import FakeClock
 
 
 def claim(store: IdempotencyStore, key: str, fingerprint: str = "fp") -> str:
@@ -295,27 +296,6 @@ def test_a_thread_sweeper_serves_the_stores_too(clock: FakeClock) -> None:
 
 
 # ---------------------------------------------------------------------- the backend seam
-
-
-class AsyncStore:
-    """An AsyncIdempotencyBackend over an IdempotencyStore, standing in for Redis."""
-
-    def __init__(self, store: IdempotencyStore) -> None:
-        self.store = store
-        self.calls = 0
-
-    async def begin(self, key: str, fingerprint: str) -> Outcome[Any]:
-        self.calls += 1
-        await asyncio.sleep(0)  # a real round trip suspends
-        return self.store.begin(key, fingerprint)
-
-    async def complete(self, key: str, token: str, result: Any) -> bool:
-        await asyncio.sleep(0)
-        return self.store.complete(key, token, result)
-
-    async def release(self, key: str, token: str) -> bool:
-        await asyncio.sleep(0)
-        return self.store.release(key, token)
 
 
 async def test_as_async_backend_wraps_sync_and_passes_async_through() -> None:

@@ -29,14 +29,11 @@ import redis.crc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests._redis_fixture import RedisServer
-from tests._redis_fixture import fresh_redis_server as fresh_redis_server
-from tests._redis_fixture import redis_server as redis_server
-from tests.test_asgi_idempotency import CountingApp
-from ttlstore._ratelimit_asgi import RateLimitMiddleware
-from ttlstore.asgi import IdempotencyMiddleware, StoredResponse
-from ttlstore.idempotency import InProgress, Replay, Started, _Returned, idempotent
+from tests._support import CountingApp
+from ttlstore.asgi import IdempotencyMiddleware, RateLimitMiddleware
+from ttlstore.idempotency import InProgress, Replay, Started, idempotent
 from ttlstore.ratelimit import Limit, RateLimited
+from ttlstore.records import Returned, StoredResponse
 from ttlstore.redis import (
     AsyncRedisIdempotencyStore,
     AsyncRedisTokenBucketLimiter,
@@ -46,6 +43,7 @@ from ttlstore.redis import (
     RedisIdempotencyStore,
     RedisTokenBucketLimiter,
 )
+from ttlstore.testing import RedisServer
 
 NS = 10**9
 SLOW = Fraction(1, 1000)
@@ -368,7 +366,7 @@ def test_decoding_clients_work_too(redis_server: RedisServer) -> None:
 def test_json_codec_carries_responses_and_json_values_unchanged() -> None:
     codec = JsonCodec()
     response = StoredResponse(200, ((b"content-type", b"text/plain"), (b"x", b"\x80")), b"\xff")
-    returned = _Returned
+    returned = Returned
     for value in (
         response,
         None,
@@ -390,7 +388,7 @@ def test_json_codec_refuses_what_json_would_alter(value: Any) -> None:
     with pytest.raises(TypeError, match="JSON would not give it back unchanged"):
         JsonCodec().encode(value)
     with pytest.raises(TypeError, match="JSON would not give it back unchanged"):
-        JsonCodec().encode(_Returned(value))
+        JsonCodec().encode(Returned(value))
 
 
 def test_json_codec_refuses_foreign_data_and_pickle_codec_carries_anything() -> None:

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FakeClock
 from ttlstore import RemovalCause, StoreStats, TTLStore
+from ttlstore.testing import FakeClock
 
 Events = list[tuple[Any, Any, RemovalCause]]
 

@@ -19,8 +19,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from tests.conftest import FakeClock
 from ttlstore import RemovalCause, TTLStore
+from ttlstore.testing import FakeClock
 
 EXPIRED, EVICTED, DELETED, REPLACED = (
     RemovalCause.EXPIRED,

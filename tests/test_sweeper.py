@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FakeClock
 from ttlstore.store import RemovalCause, TTLStore
 from ttlstore.sweeper import AsyncSweeper, Expirable, Sweeper, SweeperStats
+from ttlstore.testing import FakeClock
 
 FAST = 0.01  # interval for tests that want many ticks
 DEADLINE = 5.0  # generous: only a broken sweeper ever takes this long

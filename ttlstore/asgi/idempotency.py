@@ -1,6 +1,4 @@
-"""Plain-ASGI middlewares for services; no framework import, so any ASGI framework can host them.
-
-They run under FastAPI, Starlette or Litestar alike, and pass non-HTTP scopes through.
+"""IdempotencyMiddleware: at-most-once POST and PATCH for any ASGI app (``Idempotency-Key``).
 
 :class:`IdempotencyMiddleware` implements the ``Idempotency-Key`` request header (IETF draft
 *The Idempotency-Key HTTP Header Field*, Stripe's behaviour) on any
@@ -13,13 +11,12 @@ import hashlib
 import logging
 import re
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
 
 import http_sf
 
 from ttlstore._checks import positive_int
 from ttlstore._errors import BackendUnavailable
-from ttlstore._http import (
+from ttlstore.asgi._http import (
     ASGIApp,
     Message,
     Receive,
@@ -28,7 +25,6 @@ from ttlstore._http import (
     get_header,
     send_problem,
 )
-from ttlstore._ratelimit_asgi import RateLimitMiddleware, client_host
 from ttlstore.idempotency import (
     AsyncIdempotencyBackend,
     Busy,
@@ -39,15 +35,13 @@ from ttlstore.idempotency import (
     Started,
     as_async_backend,
 )
+from ttlstore.records import StoredResponse
 
 __all__ = [
     "DEFAULT_MAX_BODY",
     "DEFAULT_MAX_RESPONSE",
     "DEFAULT_STORE_STATUSES",
     "IdempotencyMiddleware",
-    "RateLimitMiddleware",
-    "StoredResponse",
-    "client_host",
     "parse_idempotency_key",
 ]
 
@@ -83,15 +77,6 @@ _TCHARS = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Prefix of every lookup key this middleware builds, so that a store it shares with
 # @idempotent (whose keys start with a function's name) never mixes the two.
 _NAMESPACE = "asgi"
-
-
-@dataclass(frozen=True, slots=True)
-class StoredResponse:
-    """A complete response kept for replay: status, the app's headers, and the whole body."""
-
-    status: int
-    headers: tuple[tuple[bytes, bytes], ...]
-    body: bytes
 
 
 def parse_idempotency_key(value: bytes) -> str | None:
@@ -294,7 +279,7 @@ class IdempotencyMiddleware:
 
     :param store: an :class:`~ttlstore.idempotency.IdempotencyStore` or any sync or async
         backend (sync ones are called inline on the event loop, so must not block).
-    :param scope: ``scope(asgi_scope) -> str`` names the client (tenant, API key) so that one
+    :param tenant: ``tenant(asgi_scope) -> str`` names the client (tenant, API key) so that one
         client can never receive another's stored response. The default puts every client in
         one namespace: right only for single-tenant services.
     """
@@ -306,9 +291,9 @@ class IdempotencyMiddleware:
         "_max_response",
         "_methods",
         "_required",
-        "_scope",
         "_statuses",
         "_store",
+        "_tenant_of",
         "app",
     )
 
@@ -320,7 +305,7 @@ class IdempotencyMiddleware:
         methods: Iterable[str] = ("POST", "PATCH"),
         header: str = "Idempotency-Key",
         required: bool = False,
-        scope: Callable[[Scope], str] | None = None,
+        tenant: Callable[[Scope], str] | None = None,
         max_body: int = DEFAULT_MAX_BODY,
         max_response: int = DEFAULT_MAX_RESPONSE,
         store_statuses: Collection[int] = DEFAULT_STORE_STATUSES,
@@ -333,15 +318,15 @@ class IdempotencyMiddleware:
             raise ValueError(f"header must be a header field name, got {header!r}")
         if not isinstance(required, bool):
             raise TypeError(f"required must be a bool, got {required!r}")
-        if scope is not None and not callable(scope):
-            raise TypeError(f"scope must be a callable(asgi_scope) -> str or None, got {scope!r}")
+        if tenant is not None and not callable(tenant):
+            raise TypeError(f"tenant must be a callable(asgi_scope) -> str or None, got {tenant!r}")
         self.app = app
         self._store = as_async_backend(store, name="store")
         self._methods = _check_methods(methods)
         self._header_name = header
         self._header = header.lower().encode("ascii")
         self._required = required
-        self._scope = scope
+        self._tenant_of = tenant
         self._max_body = positive_int("max_body", max_body)
         self._max_response = positive_int("max_response", max_response)
         self._statuses = _check_statuses(store_statuses)
@@ -401,11 +386,11 @@ class IdempotencyMiddleware:
             raise TypeError(f"store.begin() answered {outcome!r}, which is no Outcome")
 
     def _tenant(self, scope: Scope) -> str:
-        if self._scope is None:
+        if self._tenant_of is None:
             return ""
-        tenant = self._scope(scope)
+        tenant = self._tenant_of(scope)
         if not isinstance(tenant, str):
-            raise TypeError(f"scope callable must return a str, got {tenant!r}")
+            raise TypeError(f"tenant callable must return a str, got {tenant!r}")
         return tenant
 
     async def _problem(

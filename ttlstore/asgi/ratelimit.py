@@ -24,7 +24,7 @@ from collections.abc import Callable
 import http_sf
 
 from ttlstore._errors import BackendUnavailable
-from ttlstore._http import ASGIApp, Headers, Message, Receive, Scope, Send, send_problem
+from ttlstore.asgi._http import ASGIApp, Headers, Message, Receive, Scope, Send, send_problem
 from ttlstore.ratelimit import AsyncLimiter, Decision, Limiter
 
 __all__ = ["RateLimitMiddleware", "client_host"]

@@ -1,0 +1,84 @@
+"""Test doubles shared by several test modules (no tests here): an ASGI app that counts
+executions, and an async idempotency backend standing in for Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from ttlstore.asgi import Message, Receive, Scope, Send
+from ttlstore.idempotency import IdempotencyStore, Outcome
+
+
+class CountingApp:
+    """A raw ASGI app that counts executions.
+
+    ``/status/<code>`` answers that status; ``/stream/<n>`` streams n chunks of ``chunk``;
+    ``/boom`` raises. Everything else answers 201 with a JSON echo. When ``gate`` is set,
+    each execution waits on it after signalling ``entered``.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.entered = asyncio.Event()
+        self.gate: asyncio.Event | None = None
+        self.chunk = b"0123456789"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "http"
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        self.calls += 1
+        n = self.calls
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        path: str = scope["path"]
+        if path == "/boom":
+            raise RuntimeError("handler failed")
+        if path.startswith("/stream/"):
+            await send(start_message(200, n))
+            chunks = int(path.rsplit("/", 1)[1])
+            for i in range(chunks):
+                more = i < chunks - 1
+                await send({"type": "http.response.body", "body": self.chunk, "more_body": more})
+            return
+        status = int(path.rsplit("/", 1)[1]) if path.startswith("/status/") else 201
+        payload = json.dumps(
+            {"n": n, "method": scope["method"], "path": path, "body": body.decode()}
+        ).encode()
+        await send(start_message(status, n, len(payload)))
+        await send({"type": "http.response.body", "body": payload})
+
+
+def start_message(status: int, n: int, length: int | None = None) -> Message:
+    headers = [(b"content-type", b"application/json"), (b"x-execution", str(n).encode())]
+    if length is not None:
+        headers.append((b"content-length", str(length).encode()))
+    return {"type": "http.response.start", "status": status, "headers": headers}
+
+
+class AsyncStore:
+    """An AsyncIdempotencyBackend over an IdempotencyStore, standing in for Redis."""
+
+    def __init__(self, store: IdempotencyStore) -> None:
+        self.store = store
+        self.calls = 0
+
+    async def begin(self, key: str, fingerprint: str) -> Outcome[Any]:
+        self.calls += 1
+        await asyncio.sleep(0)  # a real round trip suspends
+        return self.store.begin(key, fingerprint)
+
+    async def complete(self, key: str, token: str, result: Any) -> bool:
+        await asyncio.sleep(0)
+        return self.store.complete(key, token, result)
+
+    async def release(self, key: str, token: str) -> bool:
+        await asyncio.sleep(0)
+        return self.store.release(key, token)

@@ -1,0 +1,206 @@
+"""Plumbing both Redis backends share: the client, key names, fault logging, ``from_url``.
+
+Names here are public to the ``ttlstore.redis`` package only (the module is private).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from importlib import resources
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
+
+import redis
+import redis.asyncio
+import redis.asyncio.retry
+import redis.retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from ttlstore._checks import positive_seconds
+
+logger = logging.getLogger("ttlstore")
+
+C = TypeVar("C")  # the redis-py client type
+S = TypeVar("S")  # the redis-py script type
+S_co = TypeVar("S_co", covariant=True)
+T = TypeVar("T", bound="Connected[Any, Any]")
+
+_FAULT_LOG_INTERVAL = 10.0
+FAILURES = (RedisError, OSError)  # redis-py wraps socket errors; OSError for the odd one out
+# Error replies that say "not now" rather than "never": the failure policies apply to these.
+# Any other error reply (WRONGTYPE on a foreign key, a script bug) is raised as it is, since
+# failing open on it would hide it forever.
+TRANSIENT_REPLIES = ("OOM", "BUSY", "LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def script_source(name: str) -> str:
+    """The text of the Lua script ``name`` shipped beside this module."""
+    return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+
+
+def text(value: object) -> str:
+    """A reply element as str, whether or not the client decodes responses."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def as_bytes(value: object) -> bytes:
+    """A reply element as bytes, whether or not the client decodes responses."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    raise TypeError(f"expected a bulk string reply from Redis, got {value!r}")
+
+
+def describe(error: BaseException) -> str:
+    """``Type: message`` (redis-py 8's exception repr drops the message)."""
+    return f"{type(error).__name__}: {error}"
+
+
+def check_prefix(prefix: object) -> str:
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str, got {prefix!r}")
+    if not prefix or "{" in prefix or "}" in prefix:
+        # A brace in the prefix would become every key's hash tag: one Cluster slot for all.
+        raise ValueError(f"prefix must be a non-empty str without braces, got {prefix!r}")
+    return prefix
+
+
+def check_key(key: object) -> str:
+    if not isinstance(key, str):
+        raise TypeError(f"key must be a str, got {key!r}")
+    return key
+
+
+def hash_tag(key: str) -> str:
+    """``key`` with its braces escaped (injectively), so that the whole key is the Cluster hash
+    tag: a ``}`` in it would otherwise end the tag early and skew keys onto one slot."""
+    if "{" not in key and "}" not in key and "\\" not in key:
+        return key  # the common case; an escaped key always holds a backslash, this one none
+    return key.replace("\\", "\\\\").replace("{", "\\(").replace("}", "\\)")
+
+
+def millis(name: str, seconds: object) -> int:
+    """Positive finite ``seconds`` as whole milliseconds, rounded up; errors name ``name``."""
+    return max(1, math.ceil(positive_seconds(name, seconds) * 1000))
+
+
+def _unbounded(client: object) -> bool:
+    """Whether ``client`` says it reads without a timeout (False when it does not say)."""
+    get = getattr(client, "get_connection_kwargs", None)  # Redis, asyncio Redis; not Cluster
+    try:
+        kwargs = get() if callable(get) else None
+    except Exception:
+        return False
+    return (
+        isinstance(kwargs, dict) and "socket_timeout" in kwargs and kwargs["socket_timeout"] is None
+    )
+
+
+class FaultLog:
+    """Counts Redis faults and logs them on ``ttlstore``, at most once per interval."""
+
+    __slots__ = ("_lock", "_next", "_pending", "count", "what")
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.count = 0
+        self._pending = 0
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self, error: BaseException, action: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.count += 1
+            self._pending += 1
+            if now < self._next:
+                return
+            self._next = now + _FAULT_LOG_INTERVAL
+            pending, self._pending = self._pending, 0
+        logger.warning(
+            "%s: Redis failed (%d fault(s) since the last report): %s; %s",
+            self.what,
+            pending,
+            describe(error),
+            action,
+            exc_info=error,
+        )
+
+
+class Scripting(Protocol[S_co]):
+    """A redis-py client (sync or asyncio, standalone or Cluster): it can register scripts."""
+
+    def register_script(self, script: str) -> S_co: ...
+
+
+class Connected(Generic[C, S]):
+    """What both backends share: the client, the key prefix, and ``from_url``."""
+
+    _ASYNC: ClassVar[bool]
+    _SUFFIX: ClassVar[str]
+    __slots__ = ("_client", "_prefix")
+
+    def __init__(self, client: C, prefix: str) -> None:
+        if not callable(getattr(client, "register_script", None)):
+            raise TypeError(f"client must be a redis-py client, got {client!r}")
+        self._client = client
+        self._prefix = check_prefix(prefix)
+        if _unbounded(client):
+            logger.warning(
+                "%s: the Redis client has no socket_timeout, so a server that stops answering "
+                "blocks every call; pass socket_timeout= and socket_connect_timeout=",
+                type(self).__name__,
+            )
+
+    def _register(self, source: str) -> S:
+        return cast("Scripting[S]", self._client).register_script(source)
+
+    def _key(self, key: str) -> str:
+        return f"{self._prefix}:{{{hash_tag(check_key(key))}}}:{self._SUFFIX}"
+
+    @property
+    def client(self) -> C:
+        """The redis-py client (close it when done if ``from_url`` made it)."""
+        return self._client
+
+    @property
+    def prefix(self) -> str:
+        """The prefix of every key written."""
+        return self._prefix
+
+    @classmethod
+    def from_url(
+        cls: type[T], url: str, *args: Any, timeout: float = 0.25, retries: int = 1, **kwargs: Any
+    ) -> T:
+        """An instance on a new client for ``url`` with bounded timeouts.
+
+        The client gets ``socket_timeout`` and ``socket_connect_timeout`` of ``timeout``
+        seconds and ``retries`` immediate retries (one covers a pooled connection the server
+        closed), so a failing call surfaces within about ``(retries + 1) * 2 * timeout``.
+        ``args`` and ``kwargs`` go to the constructor. The caller closes :attr:`client`.
+        """
+        timeout = positive_seconds("timeout", timeout)
+        if isinstance(retries, bool) or not isinstance(retries, int):
+            raise TypeError(f"retries must be a non-negative int, got {retries!r}")
+        if retries < 0:
+            raise ValueError(f"retries must be a non-negative int, got {retries!r}")
+        client: Any
+        if cls._ASYNC:
+            client = redis.asyncio.Redis.from_url(
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=redis.asyncio.retry.Retry(NoBackoff(), retries),
+            )
+        else:
+            client = redis.Redis.from_url(
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=redis.retry.Retry(NoBackoff(), retries),
+            )
+        return cls(client, *args, **kwargs)

@@ -1,0 +1,227 @@
+"""Idempotency keys shared through Redis: :class:`RedisIdempotencyStore` and its asyncio twin.
+
+Each operation is one Lua script (``begin.lua``, ``complete.lua``, ``release.lua``); see the
+package docstring for the key layout.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import redis
+import redis.asyncio
+from redis.commands.core import AsyncScript, Script
+
+from ttlstore._errors import BackendUnavailable
+from ttlstore.idempotency import InProgress, Mismatch, Outcome, Replay, Started
+from ttlstore.redis._client import (
+    FAILURES,
+    C,
+    Connected,
+    S,
+    as_bytes,
+    describe,
+    millis,
+    script_source,
+    text,
+)
+from ttlstore.redis.codecs import Codec, JsonCodec
+
+__all__ = ["AsyncRedisIdempotencyStore", "RedisIdempotencyStore"]
+
+# KEYS[1]: the key's hash. ARGV: fingerprint, token, lease ms. A begin that finds its own token
+# is redis-py retrying this very call after a lost reply: it still owns the claim.
+_BEGIN_LUA = script_source("begin.lua")
+
+# ARGV: token, call nonce, encoded result, ttl ms. The nonce tells redis-py's retry of this
+# call (already done: 1) from a second complete() by the same owner (0, as in memory).
+_COMPLETE_LUA = script_source("complete.lua")
+
+# ARGV: token.
+_RELEASE_LUA = script_source("release.lua")
+
+_IN_PROGRESS = InProgress()
+_MISMATCH = Mismatch()
+
+
+class _Idempotency(Connected[C, S]):
+    """Shared by the sync and async idempotency stores: arguments, outcomes, errors."""
+
+    _SUFFIX = "idempotency"
+
+    __slots__ = ("_begin", "_codec", "_complete", "_lease", "_release", "_ttl")
+
+    def __init__(
+        self,
+        client: C,
+        *,
+        ttl: float = 3600,
+        lease: float = 60,
+        prefix: str = "ttlstore",
+        codec: Codec | None = None,
+    ) -> None:
+        self._ttl = millis("ttl", ttl)
+        self._lease = millis("lease", lease)
+        if codec is None:
+            codec = JsonCodec()
+        elif not (
+            callable(getattr(codec, "encode", None)) and callable(getattr(codec, "decode", None))
+        ):
+            raise TypeError(f"codec must have encode() and decode() methods, got {codec!r}")
+        self._codec = codec
+        super().__init__(client, prefix)
+        self._begin: S = self._register(_BEGIN_LUA)
+        self._complete: S = self._register(_COMPLETE_LUA)
+        self._release: S = self._register(_RELEASE_LUA)
+
+    def _begin_call(self, key: str, fingerprint: str) -> tuple[list[str], list[str | int], str]:
+        if not isinstance(fingerprint, str):
+            raise TypeError(f"fingerprint must be a str, got {fingerprint!r}")
+        token = secrets.token_hex(16)
+        return [self._key(key)], [fingerprint, token, self._lease], token
+
+    def _outcome(self, reply: Any, token: str) -> Outcome[Any]:
+        kind = text(reply[0])
+        if kind == "started":
+            return Started(token)
+        if kind == "replay":
+            return Replay(self._codec.decode(as_bytes(reply[1])))
+        if kind == "in_progress":
+            return _IN_PROGRESS
+        if kind == "mismatch":
+            return _MISMATCH
+        raise RuntimeError(f"the Redis begin script answered {reply!r} (a bug in ttlstore)")
+
+    def _complete_call(self, key: str, token: str, data: bytes) -> tuple[list[str], list[Any]]:
+        return [self._key(key)], [_check_token(token), secrets.token_hex(8), data, self._ttl]
+
+    def _release_call(self, key: str, token: str) -> tuple[list[str], list[Any]]:
+        return [self._key(key)], [_check_token(token)]
+
+    def _unavailable(self, what: str, key: str, error: BaseException) -> BackendUnavailable:
+        return BackendUnavailable(
+            f"Redis failed to {what} idempotency key {key!r}: {describe(error)}"
+        )
+
+    @property
+    def ttl(self) -> float:
+        """Seconds a completed result is kept."""
+        return self._ttl / 1000
+
+    @property
+    def lease(self) -> float:
+        """Seconds a claim lasts without complete or release."""
+        return self._lease / 1000
+
+    @property
+    def codec(self) -> Codec:
+        """How results are stored."""
+        return self._codec
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} ttl={self.ttl:g} lease={self.lease:g} "
+            f"prefix={self._prefix!r} codec={self._codec!r}>"
+        )
+
+
+def _check_token(token: object) -> str:
+    if not isinstance(token, str):
+        raise TypeError(f"token must be a str, got {token!r}")
+    return token
+
+
+class RedisIdempotencyStore(_Idempotency[redis.Redis, Script]):
+    """Idempotency keys shared through Redis (``redis.Redis``): an ``IdempotencyBackend``.
+
+    Answers as :class:`~ttlstore.idempotency.IdempotencyStore` does (``Started``, ``Replay``,
+    ``InProgress``, ``Mismatch``) for every replica on the same server and ``prefix``. There is
+    no ``maxsize`` and so no ``Busy``: each claim lasts at most ``lease``, each record ``ttl``
+    (a number: Redis keys must expire), and Redis's own ``maxmemory`` bounds the rest.
+
+    :param client: a ``redis.Redis`` with bounded ``socket_timeout``/``socket_connect_timeout``.
+    :param ttl: seconds a completed result is kept (whole milliseconds, rounded up).
+    :param lease: seconds a claim lasts if its owner never completes or releases it.
+    :param prefix: the first part of every key (no braces).
+    :param codec: how results are stored; default :class:`JsonCodec`.
+
+    A Redis fault raises :class:`BackendUnavailable` (the middleware answers 503). The ASGI
+    middleware calls a sync backend inline on the event loop: use
+    :class:`AsyncRedisIdempotencyStore` there.
+    """
+
+    _ASYNC = False
+    __slots__ = ()
+
+    def begin(self, key: str, fingerprint: str) -> Outcome[Any]:
+        """Claim ``key`` for a request with ``fingerprint``, or say why not. One round trip."""
+        keys, args, token = self._begin_call(key, fingerprint)
+        try:
+            reply = self._begin(keys, args)
+        except FAILURES as error:
+            raise self._unavailable("begin", key, error) from error
+        return self._outcome(reply, token)
+
+    def complete(self, key: str, token: str, result: Any) -> bool:
+        """Store ``result`` for ``ttl`` and end the claim, if ``token`` still owns ``key``.
+
+        A result the codec refuses releases the claim (a retry runs again) and raises its
+        ``TypeError``.
+        """
+        try:
+            data = self._codec.encode(result)
+        except TypeError:
+            self.release(key, token)
+            raise
+        keys, args = self._complete_call(key, token, data)
+        try:
+            return bool(self._complete(keys, args))
+        except FAILURES as error:
+            raise self._unavailable("complete", key, error) from error
+
+    def release(self, key: str, token: str) -> bool:
+        """End the claim without storing anything, if ``token`` still owns ``key``."""
+        keys, args = self._release_call(key, token)
+        try:
+            return bool(self._release(keys, args))
+        except FAILURES as error:
+            raise self._unavailable("release", key, error) from error
+
+
+class AsyncRedisIdempotencyStore(_Idempotency[redis.asyncio.Redis, AsyncScript]):
+    """:class:`RedisIdempotencyStore` on ``redis.asyncio.Redis``: an ``AsyncIdempotencyBackend``
+    for ``IdempotencyMiddleware`` and async ``@idempotent`` functions."""
+
+    _ASYNC = True
+    __slots__ = ()
+
+    async def begin(self, key: str, fingerprint: str) -> Outcome[Any]:
+        """Claim ``key`` for a request with ``fingerprint``, or say why not. One round trip."""
+        keys, args, token = self._begin_call(key, fingerprint)
+        try:
+            reply = await self._begin(keys, args)
+        except FAILURES as error:
+            raise self._unavailable("begin", key, error) from error
+        return self._outcome(reply, token)
+
+    async def complete(self, key: str, token: str, result: Any) -> bool:
+        """Store ``result`` for ``ttl`` and end the claim, if ``token`` still owns ``key``."""
+        try:
+            data = self._codec.encode(result)
+        except TypeError:
+            await self.release(key, token)
+            raise
+        keys, args = self._complete_call(key, token, data)
+        try:
+            return bool(await self._complete(keys, args))
+        except FAILURES as error:
+            raise self._unavailable("complete", key, error) from error
+
+    async def release(self, key: str, token: str) -> bool:
+        """End the claim without storing anything, if ``token`` still owns ``key``."""
+        keys, args = self._release_call(key, token)
+        try:
+            return bool(await self._release(keys, args))
+        except FAILURES as error:
+            raise self._unavailable("release", key, error) from error
