@@ -9,11 +9,12 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from tests.conftest import FakeClock
 from ttlstore import TTLStore, aget_or_set, cached
+from ttlstore.testing import FakeClock
 
 
 async def _until(condition: Callable[[], bool], rounds: int = 10_000) -> None:
@@ -52,7 +53,8 @@ async def test_hits_misses_and_expiry(clock: FakeClock) -> None:
     assert (info.hits, info.misses) == (1, 3)
     assert fetch.cache_invalidate(2)
     with pytest.raises(TypeError, match=r"fetch\(\) got an unhashable argument"):
-        await fetch([2])
+        unhashable: Any = [2]
+        await fetch(unhashable)
 
 
 async def test_1000_tasks_missing_one_key_cause_one_call(clock: FakeClock) -> None:

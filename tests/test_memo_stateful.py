@@ -21,8 +21,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule
 
-from tests.conftest import FakeClock
 from ttlstore import cached
+from ttlstore.testing import FakeClock
 
 # -1 and -2 hash alike in CPython; 1, 1.0 and True are equal arguments (one entry, untyped).
 XS = st.sampled_from([0, 1, 2, 3, -1, -2, 1.0, True])

@@ -49,6 +49,7 @@ __all__ = ["RECENT_HITS", "CacheInfo", "CachedFunction", "aget_or_set", "cached"
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -97,12 +98,23 @@ class CacheInfo:
 
 
 class CachedFunction(Protocol[P, R]):
-    """What ``@cached`` returns: the function, plus the cache's controls."""
+    """What ``@cached`` returns: the function, plus the cache's controls.
+
+    Read through an instance it binds as a function does (the arguments after ``self`` are
+    then not checked); read through the class it is itself, controls included.
+    """
 
     __wrapped__: Callable[P, R]
+    __name__: str
+    __qualname__: str
     cache_store: TTLStore[Any, Any]
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+
+    @overload
+    def __get__(self, instance: None, owner: type[Any], /) -> CachedFunction[P, R]: ...
+    @overload
+    def __get__(self, instance: object, owner: type[Any] | None = None, /) -> Callable[..., R]: ...
 
     def cache_info(self) -> CacheInfo: ...
 
@@ -913,6 +925,21 @@ def _decorate(options: _Options, target: Any) -> Any:
     return wrapper if kind is None else kind(wrapper)
 
 
+class _Decorator(Protocol):
+    """What ``cached(...)`` returns: a decorator that keeps a staticmethod or classmethod one."""
+
+    @overload
+    def __call__(self, func: staticmethod[P, R], /) -> staticmethod[P, R]: ...  # type: ignore[overload-overlap]
+    @overload
+    def __call__(self, func: classmethod[T, P, R], /) -> classmethod[T, P, R]: ...
+    @overload
+    def __call__(self, func: Callable[P, R], /) -> CachedFunction[P, R]: ...
+
+
+@overload
+def cached(maxsize: staticmethod[P, R], /) -> staticmethod[P, R]: ...  # type: ignore[overload-overlap]
+@overload
+def cached(maxsize: classmethod[T, P, R], /) -> classmethod[T, P, R]: ...
 @overload
 def cached(maxsize: Callable[P, R], /) -> CachedFunction[P, R]: ...
 @overload
@@ -926,7 +953,7 @@ def cached(
     stale: float | None = ...,
     store: TTLStore[Any, Any] | None = ...,
     clock: Callable[[], float] = ...,
-) -> Callable[[Callable[P, R]], CachedFunction[P, R]]: ...
+) -> _Decorator: ...
 def cached(
     maxsize: Any = _Default.MAXSIZE,
     ttl: Any = _Default.TTL,
