@@ -194,7 +194,8 @@ async def _refresh(memo: _Memo, key: Hashable, args: tuple[Any, ...], kwargs: An
 # Flights of aget_or_set, per store, by id(): a TTLStore is a mapping, hence unhashable. The
 # weakref callback drops a store's flights when it dies, before its id() can be reused.
 _store_flights: dict[int, tuple[weakref.ref[Any], Flights]] = {}
-_store_lock = threading.Lock()
+# Reentrant: a collection during _flights_of (it allocates) may run _forget_store here.
+_store_lock = threading.RLock()
 
 
 def _forget_store(ident: int, ref: weakref.ref[Any]) -> None:

@@ -139,7 +139,8 @@ def _count_value(counter: itertools.count[int]) -> int:
 _tokens: dict[int, int] = {}
 _token_refs: dict[int, weakref.ref[Any]] = {}
 _token_counter = itertools.count(1)
-_token_lock = threading.Lock()
+# Reentrant: a collection during _register (it allocates) may run _forget on this thread.
+_token_lock = threading.RLock()
 
 
 def _forget(ident: int, ref: weakref.ref[Any]) -> None:
