@@ -29,7 +29,7 @@ from ttlstore.ratelimit import (
     TokenBucketLimiter,
     rate_limited,
 )
-from ttlstore.store import RemovalCause, StoreStats, TTLStore
+from ttlstore.store import RemovalCause, Slot, StoreStats, TTLStore
 from ttlstore.sweeper import AsyncSweeper, Sweeper, SweeperStats
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "RateLimited",
     "RemovalCause",
     "Replay",
+    "Slot",
     "Started",
     "StoreStats",
     "Sweeper",
