@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 if TYPE_CHECKING:
-    from ttlstore.memo import _Memo
+    from ttlstore._memo_state import Memo
     from ttlstore.store import TTLStore
 
 K = TypeVar("K")
@@ -133,7 +133,7 @@ class Flights:
         flight.waiters.clear()
 
 
-def bind_miss(memo: _Memo) -> Callable[..., Coroutine[Any, Any, Any]]:
+def bind_miss(memo: Memo) -> Callable[..., Coroutine[Any, Any, Any]]:
     """The miss path of one cached ``async def``."""
     flights = memo.async_flights = Flights(memo.name)
     func = memo.func
@@ -177,7 +177,7 @@ def bind_miss(memo: _Memo) -> Callable[..., Coroutine[Any, Any, Any]]:
 _background: set[asyncio.Task[None]] = set()
 
 
-async def _refresh(memo: _Memo, key: Hashable, args: tuple[Any, ...], kwargs: Any) -> None:
+async def _refresh(memo: Memo, key: Hashable, args: tuple[Any, ...], kwargs: Any) -> None:
     error: BaseException | None = None
     try:
         memo.write(key, await memo.func(*args, **kwargs))
