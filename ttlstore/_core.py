@@ -1,4 +1,4 @@
-"""StoreCore: the machinery under TTLStore's public methods, and its views.
+"""StoreCore: the machinery under TTLStore's public methods.
 
 :class:`~ttlstore.store.TTLStore` holds the public surface (argument checks, locking, docs);
 this class holds the state and every step that runs under the lock: the write path, reclaiming,
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, ItemsView, Iterator, MutableMapping, ValuesView
+from collections.abc import Callable, MutableMapping
 from types import FunctionType
 from typing import Any, Final, Protocol, TypeVar
 
@@ -19,7 +19,7 @@ from ttlstore._deadlines import INF, DeadlineIndex, Entry
 from ttlstore._slot import KEEP, WRITE, Plan, Slot
 from ttlstore._types import DEFAULT_TTL, RemovalCause, RemovalListener, StoreDefault, StoreStats
 
-__all__ = ["MISSING", "Flight", "Lock", "StoreCore", "StoreItemsView", "StoreValuesView"]
+__all__ = ["MISSING", "Flight", "Lock", "StoreCore"]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -534,43 +534,3 @@ class StoreCore(MutableMapping[K, V]):
         if self._lock is not None:
             while self._run(self._expire, _BACKLOG_SLICE) == _BACKLOG_SLICE:
                 pass
-
-
-class StoreItemsView(ItemsView[K, V]):
-    """Items of a TTLStore: iterated from an atomic snapshot, checked with ``peek``."""
-
-    def __init__(
-        self,
-        store: StoreCore[K, V],
-        snapshot: Callable[[], list[tuple[K, V]]],
-        peek: Callable[[K, Any], Any],
-    ) -> None:
-        super().__init__(store)
-        self._snapshot = snapshot
-        self._peek = peek
-
-    def __iter__(self) -> Iterator[tuple[K, V]]:
-        return iter(self._snapshot())
-
-    def __contains__(self, item: object) -> bool:
-        if not isinstance(item, tuple) or len(item) != 2:
-            return False
-        key, value = item
-        found = self._peek(key, MISSING)
-        return found is not MISSING and (found is value or found == value)
-
-
-class StoreValuesView(ValuesView[V]):
-    """Values of a TTLStore: iterated from an atomic snapshot, touching no recency."""
-
-    def __init__(
-        self, store: StoreCore[Any, V], snapshot: Callable[[], list[tuple[Any, V]]]
-    ) -> None:
-        super().__init__(store)
-        self._snapshot = snapshot
-
-    def __iter__(self) -> Iterator[V]:
-        return (value for _, value in self._snapshot())
-
-    def __contains__(self, value: object) -> bool:
-        return any(v is value or v == value for v in self)

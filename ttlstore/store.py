@@ -27,7 +27,7 @@ from collections.abc import (
 from typing import Any, SupportsFloat, TypeVar, overload
 
 from ttlstore._checks import positive_int, ttl_or_none
-from ttlstore._core import MISSING, StoreCore, StoreItemsView, StoreValuesView
+from ttlstore._core import MISSING, StoreCore
 from ttlstore._slot import Slot
 from ttlstore._types import (
     DEFAULT_TTL,
@@ -36,6 +36,7 @@ from ttlstore._types import (
     StoreDefault,
     StoreStats,
 )
+from ttlstore._views import StoreItemsView, StoreValuesView
 
 __all__ = [
     "DEFAULT_TTL",
