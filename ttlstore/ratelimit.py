@@ -60,11 +60,6 @@ R = TypeVar("R")
 
 _STEPS_KEPT = 64  # decision functions kept per limiter, one per cost seen
 
-# Until ttlstore/redis.py imports these from ttlstore._gcra (the lead's split of that module).
-_check_timeout = check_timeout
-_wait_sync = wait_sync
-_wait_async = wait_async
-
 
 @dataclass(frozen=True, slots=True)
 class LimiterStats:
@@ -301,23 +296,6 @@ class TokenBucketLimiter:
     def __repr__(self) -> str:
         limits = ", ".join(f"{b.limit.capacity}@{b.limit.rate}/s" for b in self._buckets)
         return f"<TokenBucketLimiter limits=[{limits}] maxsize={self._store.maxsize}>"
-
-    # ------------------------------------------------------------------ compatibility
-
-    # Until ttlstore/redis.py (and tests/test_redis.py) build on ttlstore._gcra (the lead's
-    # split of that module), they borrow these from a TokenBucketLimiter; nothing here uses
-    # them. Delete them with that change.
-
-    def _check_cost(self, cost: object) -> int:
-        return check_cost(self._buckets, cost)
-
-    def _decide(
-        self, state: State | None, now: int, cost: int, take: bool = True
-    ) -> tuple[Decision, State | None]:
-        return decide(self._buckets, state, now, cost, take)
-
-    def _full_at(self, state: State, now: int) -> int:
-        return full_at(self._buckets, state, now)
 
 
 def _ns_clock(clock: Callable[[], float]) -> Callable[[], int]:

@@ -7,7 +7,7 @@ GCRA arithmetic; see the package docstring for the key layout and failure polici
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal, cast, overload
+from typing import Any, Literal, overload
 
 import redis
 import redis.asyncio
@@ -15,14 +15,18 @@ from redis.commands.core import AsyncScript, Script
 from redis.exceptions import ResponseError
 
 from ttlstore._errors import BackendUnavailable
-from ttlstore.ratelimit import (
+from ttlstore._gcra import (
+    Bucket,
     Decision,
     Limit,
     Number,
-    TokenBucketLimiter,
-    _check_timeout,
-    _wait_async,
-    _wait_sync,
+    buckets_of,
+    check_cost,
+    check_timeout,
+    decide,
+    limits_from,
+    wait_async,
+    wait_sync,
 )
 from ttlstore.redis._client import (
     FAILURES,
@@ -82,7 +86,7 @@ class _Limiter(Connected[C, S]):
 
     _SUFFIX = "bucket"
 
-    __slots__ = ("_args", "_faults", "_fields", "_model", "_on_error", "_script", "_static")
+    __slots__ = ("_args", "_buckets", "_faults", "_fields", "_on_error", "_script", "_static")
 
     @overload
     def __init__(
@@ -115,14 +119,12 @@ class _Limiter(Connected[C, S]):
     ) -> None:
         if on_error not in ("allow", "deny", "raise"):
             raise ValueError(f"on_error must be 'allow', 'deny' or 'raise', got {on_error!r}")
-        # The in-memory limiter validates the limits and does the arithmetic: one model of the
-        # rules, so both backends decide alike. Its store is never used.
-        self._model: TokenBucketLimiter = cast(Any, TokenBucketLimiter)(
-            rate, capacity, limits=limits, maxsize=1, threadsafe=False
-        )
+        # The in-memory limiter's rules and arithmetic (ttlstore._gcra): one model, so both
+        # backends validate and decide alike.
+        self._buckets: tuple[Bucket, ...] = buckets_of(limits_from(rate, capacity, limits))
         self._fields: list[str] = []
         self._static: list[str] = []  # per limit: scale and tolerance limbs
-        for bucket in self._model._buckets:
+        for bucket in self._buckets:
             if bucket.scale >= _SCALE_MAX:
                 raise ValueError(
                     f"rate {bucket.limit.rate!r} of {bucket.limit!r} needs time units of "
@@ -147,10 +149,10 @@ class _Limiter(Connected[C, S]):
         # Only a plain int hits the cache: True and 1.0 hash like 1 but must be refused.
         args = self._args.get((cost, take)) if type(cost) is int else None
         if args is None:
-            cost = self._model._check_cost(cost)
+            cost = check_cost(self._buckets, cost)
             args = ["1" if take else "0"]
             for field, static, bucket in zip(
-                self._fields, self._static, self._model._buckets, strict=True
+                self._fields, self._static, self._buckets, strict=True
             ):
                 limbs = _limbs(cost * bucket.interval, bucket.scale)
                 args += (field, f"{static} {' '.join(map(str, limbs))}")
@@ -164,10 +166,9 @@ class _Limiter(Connected[C, S]):
         allowed, seconds, micros, *stored = reply
         now = int(seconds) * _NS + int(micros) * 1000
         state = tuple(
-            _tat(value, bucket.scale)
-            for value, bucket in zip(stored, self._model._buckets, strict=True)
+            _tat(value, bucket.scale) for value, bucket in zip(stored, self._buckets, strict=True)
         )
-        decision = self._model._decide(state, now, cost, take)[0]
+        decision = decide(self._buckets, state, now, cost, take)[0]
         if decision.allowed != (allowed == 1):
             raise RuntimeError(
                 f"the Redis script and the limiter disagree on {reply!r} (a bug in ttlstore)"
@@ -184,7 +185,7 @@ class _Limiter(Connected[C, S]):
             raise BackendUnavailable(
                 f"Redis failed during a rate-limit decision: {describe(error)}"
             ) from error
-        limit = self._model.limits[0]
+        limit = self._buckets[0].limit
         if policy == "allow":
             return Decision(
                 True, limit.capacity - cost, 0.0, 0.0, 0.0, limit, degraded=describe(error)
@@ -197,7 +198,7 @@ class _Limiter(Connected[C, S]):
     @property
     def limits(self) -> tuple[Limit, ...]:
         """The limits every key is held to."""
-        return self._model.limits
+        return tuple(bucket.limit for bucket in self._buckets)
 
     @property
     def on_error(self) -> OnError:
@@ -287,7 +288,7 @@ class RedisTokenBucketLimiter(_Limiter[redis.Redis, Script]):
         :class:`~ttlstore.ratelimit.RateLimited` at once when the wait would end after
         ``timeout`` seconds.
         """
-        return _wait_sync(self.acquire, key, cost, _check_timeout(timeout))
+        return wait_sync(self.acquire, key, cost, check_timeout(timeout))
 
 
 class AsyncRedisTokenBucketLimiter(_Limiter[redis.asyncio.Redis, AsyncScript]):
@@ -334,4 +335,4 @@ class AsyncRedisTokenBucketLimiter(_Limiter[redis.asyncio.Redis, AsyncScript]):
         :class:`~ttlstore.ratelimit.RateLimited` at once when the wait would end after
         ``timeout`` seconds; cancelling while asleep takes nothing.
         """
-        return await _wait_async(self.acquire, key, cost, _check_timeout(timeout))
+        return await wait_async(self.acquire, key, cost, check_timeout(timeout))
