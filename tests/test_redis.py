@@ -733,8 +733,8 @@ async def test_the_middleware_answers_503_when_redis_hangs(
             assert response.json()["title"] == "Idempotency store unavailable"
             assert app.calls == 1  # the request did not run unprotected
             fresh_redis_server.resume()
-            # The timed-out begin reached Redis and runs now: "b" is claimed by nobody who
-            # knows its token until its lease ends. Other keys work again at once.
+            # The timed-out begin reached Redis and runs now; the store releases its claim on
+            # "b" in the background (tests/test_redis_release.py). Other keys work at once.
             recovered = await http.post("/", headers={"Idempotency-Key": "c"})
             assert recovered.status_code == 201 and app.calls == 2
     finally:

@@ -6,11 +6,15 @@ package docstring for the key layout.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import weakref
 from typing import Any
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 from redis.commands.core import AsyncScript, Script
 
 from ttlstore._errors import BackendUnavailable
@@ -26,6 +30,7 @@ from ttlstore.redis._client import (
     script_source,
     text,
 )
+from ttlstore.redis._release import RELEASED, TaskReleaser, ThreadReleaser
 from ttlstore.redis.codecs import Codec, JsonCodec
 
 __all__ = ["AsyncRedisIdempotencyStore", "RedisIdempotencyStore"]
@@ -38,7 +43,8 @@ _BEGIN_LUA = script_source("begin.lua")
 # call (already done: 1) from a second complete() by the same owner (0, as in memory).
 _COMPLETE_LUA = script_source("complete.lua")
 
-# ARGV: token.
+# ARGV: token. Replies 1 (released), 0 (no such key) or -1 (another owner's claim or a record):
+# the background release of a failed begin tells these apart (see _release.py).
 _RELEASE_LUA = script_source("release.lua")
 
 _IN_PROGRESS = InProgress()
@@ -50,7 +56,16 @@ class _Idempotency(Connected[C, S]):
 
     _SUFFIX = "idempotency"
 
-    __slots__ = ("_begin", "_codec", "_complete", "_lease", "_release", "_ttl")
+    __slots__ = (
+        "__weakref__",
+        "_begin",
+        "_codec",
+        "_complete",
+        "_lease",
+        "_release",
+        "_releases",
+        "_ttl",
+    )
 
     def __init__(
         self,
@@ -74,6 +89,20 @@ class _Idempotency(Connected[C, S]):
         self._begin: S = self._register(_BEGIN_LUA)
         self._complete: S = self._register(_COMPLETE_LUA)
         self._release: S = self._register(_RELEASE_LUA)
+        # A weak method: the background release never keeps the store (and client) alive.
+        self._releases: Any = (TaskReleaser if self._ASYNC else ThreadReleaser)(
+            type(self).__name__, weakref.WeakMethod(self._release_attempt)
+        )
+
+    def _release_attempt(self, key: str, token: str) -> Any:
+        """One run of the release script: 1, 0 or -1 (a coroutine on the async client)."""
+        script: Any = self._release
+        return script(*self._release_call(key, token))
+
+    @property
+    def pending_releases(self) -> int:
+        """Claims of failed ``begin`` calls still being released in the background."""
+        return int(self._releases.pending)
 
     def _begin_call(self, key: str, fingerprint: str) -> tuple[list[str], list[str | int], str]:
         if not isinstance(fingerprint, str):
@@ -132,7 +161,7 @@ def _check_token(token: object) -> str:
     return token
 
 
-class RedisIdempotencyStore(_Idempotency[redis.Redis, Script]):
+class RedisIdempotencyStore(_Idempotency[redis.Redis | redis.cluster.RedisCluster, Script]):
     """Idempotency keys shared through Redis (``redis.Redis``): an ``IdempotencyBackend``.
 
     Answers as :class:`~ttlstore.idempotency.IdempotencyStore` does (``Started``, ``Replay``,
@@ -146,9 +175,12 @@ class RedisIdempotencyStore(_Idempotency[redis.Redis, Script]):
     :param prefix: the first part of every key (no braces).
     :param codec: how results are stored; default :class:`JsonCodec`.
 
-    A Redis fault raises :class:`BackendUnavailable` (the middleware answers 503). The ASGI
-    middleware calls a sync backend inline on the event loop: use
-    :class:`AsyncRedisIdempotencyStore` there.
+    A Redis fault raises :class:`BackendUnavailable` (the middleware answers 503). A ``begin``
+    that failed may still run when Redis answers again, or ran with its reply lost: its claim
+    is released by token in the background (a daemon thread; :attr:`pending_releases`,
+    :meth:`drain`), so a retry of the key runs again as soon as Redis answers instead of after
+    the lease; another owner's claim is never touched. The ASGI middleware calls a sync
+    backend inline on the event loop: use :class:`AsyncRedisIdempotencyStore` there.
     """
 
     _ASYNC = False
@@ -160,6 +192,9 @@ class RedisIdempotencyStore(_Idempotency[redis.Redis, Script]):
         try:
             reply = self._begin(keys, args)
         except FAILURES as error:
+            # It may still run, or have run with its reply lost: end our claim when Redis
+            # answers again, so that a retry of the key need not wait out the lease.
+            self._releases.schedule(key, token, error)
             raise self._unavailable("begin", key, error) from error
         return self._outcome(reply, token)
 
@@ -184,14 +219,22 @@ class RedisIdempotencyStore(_Idempotency[redis.Redis, Script]):
         """End the claim without storing anything, if ``token`` still owns ``key``."""
         keys, args = self._release_call(key, token)
         try:
-            return bool(self._release(keys, args))
+            return bool(self._release(keys, args) == RELEASED)
         except FAILURES as error:
             raise self._unavailable("release", key, error) from error
 
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until no claim of a failed ``begin`` is being released in the background;
+        False if some still are after ``timeout`` seconds."""
+        return bool(self._releases.drain(timeout))
 
-class AsyncRedisIdempotencyStore(_Idempotency[redis.asyncio.Redis, AsyncScript]):
+
+class AsyncRedisIdempotencyStore(
+    _Idempotency[redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster, AsyncScript]
+):
     """:class:`RedisIdempotencyStore` on ``redis.asyncio.Redis``: an ``AsyncIdempotencyBackend``
-    for ``IdempotencyMiddleware`` and async ``@idempotent`` functions."""
+    for ``IdempotencyMiddleware`` and async ``@idempotent`` functions. The claim of a failed or
+    cancelled ``begin`` is released by an asyncio task on the caller's loop."""
 
     _ASYNC = True
     __slots__ = ()
@@ -202,7 +245,12 @@ class AsyncRedisIdempotencyStore(_Idempotency[redis.asyncio.Redis, AsyncScript])
         try:
             reply = await self._begin(keys, args)
         except FAILURES as error:
+            # It may still run, or have run with its reply lost: see RedisIdempotencyStore.
+            self._releases.schedule(key, token, error)
             raise self._unavailable("begin", key, error) from error
+        except asyncio.CancelledError as error:
+            self._releases.schedule(key, token, error)  # the same: sent, answer unknown
+            raise
         return self._outcome(reply, token)
 
     async def complete(self, key: str, token: str, result: Any) -> bool:
@@ -222,6 +270,11 @@ class AsyncRedisIdempotencyStore(_Idempotency[redis.asyncio.Redis, AsyncScript])
         """End the claim without storing anything, if ``token`` still owns ``key``."""
         keys, args = self._release_call(key, token)
         try:
-            return bool(await self._release(keys, args))
+            return bool(await self._release(keys, args) == RELEASED)
         except FAILURES as error:
             raise self._unavailable("release", key, error) from error
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Wait until no claim of a failed ``begin`` is being released in the background
+        on this event loop; False if some still are after ``timeout`` seconds."""
+        return bool(await self._releases.drain(timeout))

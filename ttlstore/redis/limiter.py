@@ -11,6 +11,8 @@ from typing import Any, Literal, overload
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 from redis.commands.core import AsyncScript, Script
 from redis.exceptions import ResponseError
 
@@ -226,7 +228,7 @@ def _tat(value: object, scale: int) -> int:
     return int(ns) * scale + int(remainder)
 
 
-class RedisTokenBucketLimiter(_Limiter[redis.Redis, Script]):
+class RedisTokenBucketLimiter(_Limiter[redis.Redis | redis.cluster.RedisCluster, Script]):
     """Token buckets shared through Redis (``redis.Redis``): a :class:`Limiter` for replicas.
 
     Same constructor and decisions as :class:`~ttlstore.ratelimit.TokenBucketLimiter`:
@@ -291,7 +293,9 @@ class RedisTokenBucketLimiter(_Limiter[redis.Redis, Script]):
         return wait_sync(self.acquire, key, cost, check_timeout(timeout))
 
 
-class AsyncRedisTokenBucketLimiter(_Limiter[redis.asyncio.Redis, AsyncScript]):
+class AsyncRedisTokenBucketLimiter(
+    _Limiter[redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster, AsyncScript]
+):
     """:class:`RedisTokenBucketLimiter` on ``redis.asyncio.Redis``: an :class:`AsyncLimiter`."""
 
     _ASYNC = True
