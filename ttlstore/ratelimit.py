@@ -305,6 +305,7 @@ class TokenBucketLimiter:
     """
 
     __slots__ = (
+        "__weakref__",  # ttlstore.metrics holds registered limiters weakly
         "_allowed",
         "_buckets",
         "_denied",
