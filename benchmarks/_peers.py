@@ -236,6 +236,47 @@ class TTLStoreUnsafe(_TTLStore):
     threadsafe = False
 
 
+class TTLStoreMetrics(TTLStoreSafe):
+    """The thread-safe store registered with ``ttlstore.metrics`` (``compare --metrics``)."""
+
+    name = "ttlstore + metrics"
+    notes = (
+        "the thread-safe store registered with `ttlstore.metrics` on a private prometheus_client "
+        "registry, scraped after each fill: metrics are read at scrape time, so the hot path "
+        "must time as the plain store does",
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._registries: dict[int, Any] = {}
+
+    def load(self) -> None:
+        import ttlstore.metrics  # noqa: F401
+
+    def make(self, maxsize: int, ttl: float = TTL, clock: Clock | None = None) -> Any:
+        import weakref
+
+        from prometheus_client import CollectorRegistry
+
+        from ttlstore.metrics import register
+
+        store = super().make(maxsize, ttl, clock)
+        registry = CollectorRegistry()
+        register({"bench": store}, registry=registry)
+        # The registry keeps the collector alive; it goes when the store does.
+        self._registries[id(store)] = registry
+        weakref.finalize(store, self._registries.pop, id(store), None)
+        return store
+
+    def fill(self, store: Any, keys: Sequence[str]) -> None:
+        from prometheus_client import generate_latest
+
+        super().fill(store, keys)
+        assert b'ttlstore_store_writes_total{name="bench"}' in generate_latest(
+            self._registries[id(store)]
+        )
+
+
 # -- cachetools ---------------------------------------------------------------------------------
 
 
@@ -479,3 +520,6 @@ ADAPTERS: tuple[Adapter, ...] = (
 
 #: The adapter every ratio is taken against.
 BASELINE = TTLStoreSafe.name
+
+#: Timed beside the baseline with ``--metrics``; not a peer, so not in ADAPTERS by default.
+METRICS_ADAPTER: Adapter = TTLStoreMetrics()

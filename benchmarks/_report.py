@@ -112,6 +112,7 @@ def markdown(report: Report) -> str:
         "`time.monotonic()` per call, written in the loop itself.",
     ]
     out += _targets_table(report.get("targets") or [])
+    out += _metrics_section(report, cells)
     for workload in report["workloads"]:
         out += ["", f"## {workload['name']}: {workload['title']}", ""]
         out += _workload_table(
@@ -132,6 +133,57 @@ def markdown(report: Report) -> str:
         out += _limiter_section(limiters)
     out += _redis_section(report.get("redis"))
     return "\n".join(out) + "\n"
+
+
+METRICS_LIBRARY = "ttlstore + metrics"
+METRICS_PEER = "cachetools.TTLCache"
+
+
+def _metrics_section(
+    report: Report, cells: dict[tuple[str, str, int], dict[str, Any]]
+) -> list[str]:
+    """``--metrics``: each workload's ratio to cachetools with and without metrics registered."""
+    base = report["baseline"]
+    if not any(lib["name"] == METRICS_LIBRARY for lib in report["libraries"]):
+        return []
+    out = [
+        "",
+        "## Metrics registered (`--metrics`)",
+        "",
+        f"`{base}` and the same store registered with `ttlstore.metrics` (`{METRICS_LIBRARY}`), "
+        f"each as a ratio to `{METRICS_PEER}` in this run, and the change (target: within 5 %).",
+        "",
+    ]
+    rows = []
+    changes = []
+    for workload in report["workloads"]:
+        for n in report["meta"]["sizes"]:
+            found = [cells.get((workload["name"], lib, n)) for lib in (base, METRICS_LIBRARY)]
+            peer = cells.get((workload["name"], METRICS_PEER, n))
+            if peer is None or any(c is None or c["status"] != "ok" for c in (*found, peer)):
+                continue
+            plain, metered = (c["median"] / peer["median"] for c in found if c is not None)
+            change = metered / plain - 1
+            changes.append(change)
+            rows.append(
+                [
+                    workload["name"],
+                    _size(n),
+                    f"{plain:.3f}x",
+                    f"{metered:.3f}x",
+                    f"{change:+.1%}",
+                ]
+            )
+    out += _table(
+        ["workload", "n", base, METRICS_LIBRARY, "change"],
+        ["---", "---:", "---:", "---:", "---:"],
+        rows,
+    )
+    if changes:
+        worst = max(changes, key=abs)
+        median = sorted(changes)[len(changes) // 2]
+        out += ["", f"Largest change {worst:+.1%}, median {median:+.1%} over {len(changes)} cells."]
+    return out
 
 
 def _redis_section(redis: dict[str, Any] | None) -> list[str]:

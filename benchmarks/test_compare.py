@@ -300,6 +300,27 @@ def test_cli_runs_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert json.loads((tmp_path / "latest.json").read_text(encoding="utf-8"))["memory"] is None
 
 
+def test_metrics_option_times_the_registered_store_beside_the_plain_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--sizes", "100", "--repeats", "1", "--target-ms", "0.2", "--memory-n", "0"]
+    argv += ["--redis-seconds", "0", "--no-plot", "--out", str(tmp_path), "--metrics"]
+    assert compare.main(argv) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "latest.json").read_text(encoding="utf-8"))
+    names = [lib["name"] for lib in report["libraries"]]
+    assert names[:2] == [compare.BASELINE, "ttlstore + metrics"]
+    metered = [c for c in report["results"] if c["library"] == "ttlstore + metrics"]
+    assert len(metered) == len(STORE_WORKLOADS)
+    assert all(c["status"] == "ok" for c in metered), metered
+    section = printed.split("## Metrics registered (`--metrics`)", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "%" in line]
+    # One size: one row per workload, when the peer the ratios are taken to is installed.
+    peer = importlib.util.find_spec("cachetools") is not None
+    assert len(rows) == (len(STORE_WORKLOADS) if peer else 0)
+    assert "Largest change" in section
+
+
 def test_quick_and_full_are_exclusive() -> None:
     with pytest.raises(SystemExit):
         compare.main(["--quick", "--full"])
