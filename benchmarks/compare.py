@@ -44,7 +44,7 @@ from benchmarks._peers import (
     ADAPTERS,
     BASELINE,
     EMPTY_LOOP,
-    METRICS_ADAPTER,
+    METRICS_ADAPTERS,
     VALUE,
     Adapter,
     Library,
@@ -553,7 +553,7 @@ def _parse(argv: Sequence[str]) -> Config:
     parser.add_argument(
         "--metrics",
         action="store_true",
-        help="also time the store registered with ttlstore.metrics, beside the plain one",
+        help="also time the store registered with ttlstore.metrics, and the plain one again",
     )
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL if args.full else DEFAULT
@@ -581,7 +581,7 @@ def _parse(argv: Sequence[str]) -> Config:
         changes["memory_n"] = args.memory_n or None
     if args.metrics:
         at = [a.name for a in config.adapters].index(config.baseline) + 1
-        changes["adapters"] = (*config.adapters[:at], METRICS_ADAPTER, *config.adapters[at:])
+        changes["adapters"] = (*config.adapters[:at], *METRICS_ADAPTERS, *config.adapters[at:])
     return replace(config, **changes)
 
 
