@@ -112,6 +112,7 @@ def markdown(report: Report) -> str:
         "`time.monotonic()` per call, written in the loop itself.",
     ]
     out += _targets_table(report.get("targets") or [])
+    out += _metrics_section(report, cells)
     for workload in report["workloads"]:
         out += ["", f"## {workload['name']}: {workload['title']}", ""]
         out += _workload_table(
@@ -133,6 +134,65 @@ def markdown(report: Report) -> str:
     out += _redis_section(report.get("redis"))
     out += _memoize_section(report.get("memoize"))
     return "\n".join(out) + "\n"
+
+
+METRICS_LIBRARY = "ttlstore + metrics"
+CONTROL_LIBRARY = "ttlstore (A/A control)"
+METRICS_PEER = "cachetools.TTLCache"
+
+
+def _metrics_section(
+    report: Report, cells: dict[tuple[str, str, int], dict[str, Any]]
+) -> list[str]:
+    """``--metrics``: each workload's ratio to cachetools with and without metrics registered."""
+    base = report["baseline"]
+    names = {lib["name"] for lib in report["libraries"]}
+    if not {METRICS_LIBRARY, CONTROL_LIBRARY} <= names:
+        return []
+    out = [
+        "",
+        "## Metrics registered (`--metrics`)",
+        "",
+        f"`{base}`, the same store registered with `ttlstore.metrics` (`{METRICS_LIBRARY}`) and "
+        f"the plain store once more (`{CONTROL_LIBRARY}`), each as a ratio to `{METRICS_PEER}` "
+        f"in this run; each change is against `{base}` (target for metrics: within 5 %). The "
+        "control's change is what two identical stores differ by in this run: noise.",
+        "",
+    ]
+    rows = []
+    changes: dict[str, list[float]] = {METRICS_LIBRARY: [], CONTROL_LIBRARY: []}
+    libraries = (base, METRICS_LIBRARY, CONTROL_LIBRARY)
+    for workload in report["workloads"]:
+        for n in report["meta"]["sizes"]:
+            found = [cells.get((workload["name"], lib, n)) for lib in (*libraries, METRICS_PEER)]
+            medians = [c["median"] for c in found if c is not None and c["status"] == "ok"]
+            if len(medians) != len(found):
+                continue
+            plain, metered, control = (median / medians[-1] for median in medians[:-1])
+            changes[METRICS_LIBRARY].append(metered / plain - 1)
+            changes[CONTROL_LIBRARY].append(control / plain - 1)
+            rows.append(
+                [
+                    workload["name"],
+                    _size(n),
+                    f"{plain:.3f}x",
+                    f"{metered:.3f}x",
+                    f"{metered / plain - 1:+.1%}",
+                    f"{control:.3f}x",
+                    f"{control / plain - 1:+.1%}",
+                ]
+            )
+    out += _table(
+        ["workload", "n", base, METRICS_LIBRARY, "change", CONTROL_LIBRARY, "change"],
+        ["---", "---:", "---:", "---:", "---:", "---:", "---:"],
+        rows,
+    )
+    for name, seen in changes.items():
+        if seen:
+            worst = max(seen, key=abs)
+            median = sorted(seen)[len(seen) // 2]
+            out += ["", f"`{name}`: largest change {worst:+.1%}, median {median:+.1%}."]
+    return out
 
 
 def _redis_section(redis: dict[str, Any] | None) -> list[str]:

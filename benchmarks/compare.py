@@ -1,7 +1,7 @@
 """Compare ttlstore with the stores a user would pick instead, in one process.
 
     python -m benchmarks.compare [--quick | --full] [--sizes N ...] [--repeats R]
-                                 [--out DIR | --refresh]
+                                 [--out DIR | --refresh] [--metrics]
 
 Times get-hit, get-miss, set-update, set-with-eviction, a mixed 80/20 zipf-like workload and bulk
 expiry for every library in :data:`benchmarks._peers.ADAPTERS`, at each size, on the same
@@ -44,6 +44,7 @@ from benchmarks._peers import (
     ADAPTERS,
     BASELINE,
     EMPTY_LOOP,
+    METRICS_ADAPTERS,
     VALUE,
     Adapter,
     Library,
@@ -571,6 +572,11 @@ def _parse(argv: Sequence[str]) -> Config:
         "--no-rss", action="store_true", help="skip the resident-set measurement (child processes)"
     )
     parser.add_argument("--no-plot", action="store_true", help="do not draw latest.png")
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="also time the store registered with ttlstore.metrics, and the plain one again",
+    )
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL if args.full else DEFAULT
     changes: dict[str, Any] = {
@@ -595,6 +601,9 @@ def _parse(argv: Sequence[str]) -> Config:
         changes["redis_seconds"] = args.redis_seconds
     if args.memory_n is not None:
         changes["memory_n"] = args.memory_n or None
+    if args.metrics:
+        at = [a.name for a in config.adapters].index(config.baseline) + 1
+        changes["adapters"] = (*config.adapters[:at], *METRICS_ADAPTERS, *config.adapters[at:])
     return replace(config, **changes)
 
 

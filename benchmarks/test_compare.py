@@ -16,7 +16,7 @@ import pytest
 from benchmarks import _memoize, _targets, compare
 from benchmarks._limiters import LIMITERS, ROOMY, TIGHT, LimiterAdapter, TokenBucketSafe
 from benchmarks._memory import rss_bytes_per_entry
-from benchmarks._peers import ADAPTERS, Adapter, Op
+from benchmarks._peers import ADAPTERS, BASELINE, Adapter, Op
 from benchmarks._workloads import WORKLOADS, KeyData, LimiterWorkload, Stream, Workload
 
 N = 200
@@ -301,6 +301,28 @@ def test_cli_runs_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "## Rate limiters" in printed
     assert (tmp_path / "latest.md").read_text(encoding="utf-8") == printed
     assert json.loads((tmp_path / "latest.json").read_text(encoding="utf-8"))["memory"] is None
+
+
+def test_metrics_option_times_the_registered_store_beside_the_plain_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--sizes", "100", "--repeats", "1", "--target-ms", "0.2", "--memory-n", "0"]
+    argv += ["--redis-seconds", "0", "--no-plot", "--out", str(tmp_path), "--metrics"]
+    assert compare.main(argv) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "latest.json").read_text(encoding="utf-8"))
+    names = [lib["name"] for lib in report["libraries"]]
+    assert names[:3] == [BASELINE, "ttlstore + metrics", "ttlstore (A/A control)"]
+    for name in names[1:3]:
+        cells = [c for c in report["results"] if c["library"] == name]
+        assert len(cells) == len(STORE_WORKLOADS)
+        assert all(c["status"] == "ok" for c in cells), cells
+    section = printed.split("## Metrics registered (`--metrics`)", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "%" in line]
+    # One size: one row per workload, when the peer the ratios are taken to is installed.
+    peer = importlib.util.find_spec("cachetools") is not None
+    assert len(rows) == (len(STORE_WORKLOADS) if peer else 0)
+    assert "`ttlstore + metrics`: largest change" in section or not peer
 
 
 def test_quick_and_full_are_exclusive() -> None:

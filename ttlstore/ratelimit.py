@@ -136,7 +136,16 @@ class TokenBucketLimiter:
     read and write, O(1), or O(log n) when the store files a new deadline.
     """
 
-    __slots__ = ("_allowed", "_buckets", "_denied", "_epoch", "_now", "_steps", "_store")
+    __slots__ = (
+        "__weakref__",  # ttlstore.metrics holds registered limiters weakly
+        "_allowed",
+        "_buckets",
+        "_denied",
+        "_epoch",
+        "_now",
+        "_steps",
+        "_store",
+    )
 
     @overload
     def __init__(

@@ -145,6 +145,24 @@ class FaultLog:
         )
 
 
+class Tally:
+    """Counts of named events, safe to bump from several threads: what ``stats()`` reports."""
+
+    __slots__ = ("_counts", "_lock")
+
+    def __init__(self, *names: str) -> None:
+        self._counts = dict.fromkeys(names, 0)
+        self._lock = threading.Lock()
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self._counts[name] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
 class Scripting(Protocol[S_co]):
     """A redis-py client (sync or asyncio, standalone or Cluster): it can register scripts."""
 
@@ -156,7 +174,8 @@ class Connected(Generic[C, S]):
 
     _ASYNC: ClassVar[bool]
     _SUFFIX: ClassVar[str]
-    __slots__ = ("_client", "_prefix")
+    # __weakref__: ttlstore.metrics holds registered backends weakly.
+    __slots__ = ("__weakref__", "_client", "_prefix")
 
     def __init__(self, client: C, prefix: str) -> None:
         if not callable(getattr(client, "register_script", None)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -24,6 +25,7 @@ from ttlstore.redis._client import (
     C,
     Connected,
     S,
+    Tally,
     as_bytes,
     describe,
     millis,
@@ -33,7 +35,7 @@ from ttlstore.redis._client import (
 from ttlstore.redis._release import RELEASED, TaskReleaser, ThreadReleaser
 from ttlstore.redis.codecs import Codec, JsonCodec
 
-__all__ = ["AsyncRedisIdempotencyStore", "RedisIdempotencyStore"]
+__all__ = ["AsyncRedisIdempotencyStore", "RedisIdempotencyStats", "RedisIdempotencyStore"]
 
 # KEYS[1]: the key's hash. ARGV: fingerprint, token, lease ms. A begin that finds its own token
 # is redis-py retrying this very call after a lost reply: it still owns the claim.
@@ -51,16 +53,32 @@ _IN_PROGRESS = InProgress()
 _MISMATCH = Mismatch()
 
 
+@dataclass(frozen=True, slots=True)
+class RedisIdempotencyStats:
+    """An immutable snapshot of a Redis idempotency store's counters (this instance's calls)."""
+
+    claims: int
+    """``begin`` calls answered ``Started``."""
+    replays: int
+    """``begin`` calls answered ``Replay``."""
+    conflicts: int
+    """``begin`` calls answered ``InProgress``."""
+    mismatches: int
+    """``begin`` calls answered ``Mismatch``."""
+    errors: int
+    """Calls that raised ``BackendUnavailable`` because Redis failed."""
+
+
 class _Idempotency(Connected[C, S]):
     """Shared by the sync and async idempotency stores: arguments, outcomes, errors."""
 
     _SUFFIX = "idempotency"
 
     __slots__ = (
-        "__weakref__",
         "_begin",
         "_codec",
         "_complete",
+        "_counts",
         "_lease",
         "_release",
         "_releases",
@@ -85,6 +103,7 @@ class _Idempotency(Connected[C, S]):
         ):
             raise TypeError(f"codec must have encode() and decode() methods, got {codec!r}")
         self._codec = codec
+        self._counts = Tally("claims", "replays", "conflicts", "mismatches", "errors")
         super().__init__(client, prefix)
         self._begin: S = self._register(_BEGIN_LUA)
         self._complete: S = self._register(_COMPLETE_LUA)
@@ -113,12 +132,16 @@ class _Idempotency(Connected[C, S]):
     def _outcome(self, reply: Any, token: str) -> Outcome[Any]:
         kind = text(reply[0])
         if kind == "started":
+            self._counts.add("claims")
             return Started(token)
         if kind == "replay":
+            self._counts.add("replays")
             return Replay(self._codec.decode(as_bytes(reply[1])))
         if kind == "in_progress":
+            self._counts.add("conflicts")
             return _IN_PROGRESS
         if kind == "mismatch":
+            self._counts.add("mismatches")
             return _MISMATCH
         raise RuntimeError(f"the Redis begin script answered {reply!r} (a bug in ttlstore)")
 
@@ -129,6 +152,7 @@ class _Idempotency(Connected[C, S]):
         return [self._key(key)], [_check_token(token)]
 
     def _unavailable(self, what: str, key: str, error: BaseException) -> BackendUnavailable:
+        self._counts.add("errors")
         return BackendUnavailable(
             f"Redis failed to {what} idempotency key {key!r}: {describe(error)}"
         )
@@ -147,6 +171,10 @@ class _Idempotency(Connected[C, S]):
     def codec(self) -> Codec:
         """How results are stored."""
         return self._codec
+
+    def stats(self) -> RedisIdempotencyStats:
+        """An immutable snapshot of this instance's counters; no round trip. O(1)."""
+        return RedisIdempotencyStats(**self._counts.snapshot())
 
     def __repr__(self) -> str:
         return (

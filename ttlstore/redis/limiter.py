@@ -7,6 +7,7 @@ GCRA arithmetic; see the package docstring for the key layout and failure polici
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 import redis
@@ -37,12 +38,18 @@ from ttlstore.redis._client import (
     Connected,
     FaultLog,
     S,
+    Tally,
     describe,
     script_source,
     text,
 )
 
-__all__ = ["AsyncRedisTokenBucketLimiter", "OnError", "RedisTokenBucketLimiter"]
+__all__ = [
+    "AsyncRedisTokenBucketLimiter",
+    "OnError",
+    "RedisLimiterStats",
+    "RedisTokenBucketLimiter",
+]
 
 OnError = Literal["allow", "deny", "raise"]
 """What a limiter answers when Redis fails: allow the request, refuse it, or raise."""
@@ -83,12 +90,35 @@ def _limbs(units: int, scale: int) -> tuple[int, int, int, int]:
     return ms, ns, hi, lo
 
 
+@dataclass(frozen=True, slots=True)
+class RedisLimiterStats:
+    """An immutable snapshot of a Redis limiter's counters (this instance's calls only)."""
+
+    allowed: int
+    """Requests allowed by a decision of the script (acquire)."""
+    denied: int
+    """Requests refused by a decision of the script (acquire)."""
+    degraded: int
+    """Decisions (acquire or peek) answered by ``on_error`` because Redis failed."""
+    errors: int
+    """Redis faults met, ``on_error="raise"`` ones included."""
+
+
 class _Limiter(Connected[C, S]):
     """Shared by the sync and async limiters: validation, script arguments, decisions."""
 
     _SUFFIX = "bucket"
 
-    __slots__ = ("_args", "_buckets", "_faults", "_fields", "_on_error", "_script", "_static")
+    __slots__ = (
+        "_args",
+        "_buckets",
+        "_counts",
+        "_faults",
+        "_fields",
+        "_on_error",
+        "_script",
+        "_static",
+    )
 
     @overload
     def __init__(
@@ -141,6 +171,7 @@ class _Limiter(Connected[C, S]):
         super().__init__(client, prefix)
         self._on_error: OnError = on_error
         self._faults = FaultLog(type(self).__name__)
+        self._counts = Tally("allowed", "denied", "degraded")
         self._script: S = self._register(_BUCKET_LUA)
 
     # ------------------------------------------------------------------ shared steps
@@ -175,6 +206,8 @@ class _Limiter(Connected[C, S]):
             raise RuntimeError(
                 f"the Redis script and the limiter disagree on {reply!r} (a bug in ttlstore)"
             )
+        if take:
+            self._counts.add("allowed" if decision.allowed else "denied")
         return decision
 
     def _failed(self, error: BaseException, cost: int) -> Decision:
@@ -187,6 +220,7 @@ class _Limiter(Connected[C, S]):
             raise BackendUnavailable(
                 f"Redis failed during a rate-limit decision: {describe(error)}"
             ) from error
+        self._counts.add("degraded")
         limit = self._buckets[0].limit
         if policy == "allow":
             return Decision(
@@ -211,6 +245,11 @@ class _Limiter(Connected[C, S]):
     def errors(self) -> int:
         """Redis faults met so far (each answered by ``on_error``)."""
         return self._faults.count
+
+    def stats(self) -> RedisLimiterStats:
+        """An immutable snapshot of this instance's counters; no round trip. O(1)."""
+        counts = self._counts.snapshot()
+        return RedisLimiterStats(**counts, errors=self._faults.count)
 
     def __repr__(self) -> str:
         limits = ", ".join(f"{limit.capacity}@{limit.rate}/s" for limit in self.limits)
