@@ -31,12 +31,12 @@ import inspect
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, ParamSpec, Protocol, TypeVar, overload
+from typing import Any, ParamSpec, Protocol, SupportsFloat, TypeVar, overload
 
 from ttlstore._checks import positive_int, positive_seconds, ttl_or_none
 from ttlstore._memo_compile import Name, compile_wrapper, is_method, shape_of
 from ttlstore._memo_state import RECENT_HITS, Memo
-from ttlstore.store import TTLStore
+from ttlstore.store import DEFAULT_TTL, StoreDefault, TTLStore
 
 __all__ = ["RECENT_HITS", "CacheInfo", "CachedFunction", "aget_or_set", "cached"]
 
@@ -347,18 +347,11 @@ def cached(
 # ---------------------------------------------------------------------- aget_or_set
 
 
-class _Unset(enum.Enum):
-    UNSET = "<store default>"
-
-    def __repr__(self) -> str:
-        return self.value
-
-
 async def aget_or_set(
     store: TTLStore[K, V],
     key: K,
     factory: Callable[[], Awaitable[V]],
-    ttl: float | _Unset | None = _Unset.UNSET,
+    ttl: SupportsFloat | StoreDefault | None = DEFAULT_TTL,
 ) -> V:
     """The async ``TTLStore.get_or_set``: the live value of ``key``, or ``await factory()`` once.
 
@@ -375,7 +368,7 @@ async def aget_or_set(
         raise TypeError(f"store must be a TTLStore, got {store!r}")
     if not callable(factory):
         raise TypeError(f"factory must be callable, got {factory!r}")
-    if isinstance(ttl, _Unset):
+    if ttl is DEFAULT_TTL:
         write = functools.partial(store.set, key)
     else:
         write = functools.partial(store.set, key, ttl=ttl_or_none("ttl", ttl))

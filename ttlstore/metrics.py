@@ -36,8 +36,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from opentelemetry.metrics import CallbackOptions, Meter, Observation
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+try:
+    from opentelemetry.metrics import CallbackOptions, Meter, Observation
+    from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+except ImportError as error:  # the extra is missing
+    raise ImportError(
+        "ttlstore.metrics needs prometheus-client and opentelemetry-api: install them with "
+        "pip install 'ttlstore[metrics]'"
+    ) from error
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 
 __all__ = ["FAMILIES", "Family", "Metrics", "register"]
