@@ -22,6 +22,7 @@ from ttlstore.idempotency import (
     Started,
     idempotent,
 )
+from ttlstore.memo import aget_or_set, cached
 from ttlstore.ratelimit import (
     Decision,
     Limit,
@@ -58,6 +59,8 @@ __all__ = [
     "SweeperStats",
     "TTLStore",
     "TokenBucketLimiter",
+    "aget_or_set",
+    "cached",
     "compiled",
     "idempotent",
     "rate_limited",

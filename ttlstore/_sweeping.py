@@ -48,6 +48,11 @@ class SweeperStats:
     """Seconds the last completed tick took; 0.0 before the first."""
     per_store: Mapping[int, int] = field(hash=False)
     """``id(store) -> entries reclaimed`` for each store still served (dead stores drop out)."""
+    last_tick_time: float = 0.0
+    """Wall-clock time (``time.time()``) at which the last completed tick ended; 0.0 before."""
+    last_tick_longest_slice: float = 0.0
+    """Seconds the longest ``expire`` call of the last completed tick took: the longest a
+    reader could have waited behind the sweeper (one lock hold, plus waiting for the lock)."""
 
 
 class _Served:
@@ -76,6 +81,8 @@ class SweeperBase:
         self._reclaimed = 0
         self._errors = 0
         self._last_tick_duration = 0.0
+        self._last_tick_time = 0.0
+        self._last_tick_longest_slice = 0.0
         for store in stores:
             self.add(store)
 
@@ -135,6 +142,8 @@ class SweeperBase:
                 reclaimed=self._reclaimed,
                 errors=self._errors,
                 last_tick_duration=self._last_tick_duration,
+                last_tick_time=self._last_tick_time,
+                last_tick_longest_slice=self._last_tick_longest_slice,
                 per_store=MappingProxyType(per_store),
             )
 
@@ -162,6 +171,7 @@ class SweeperBase:
         started = time.perf_counter()
         batch = self._batch
         total = 0
+        longest = 0.0
         with self._state:
             self._prune()
             slots = list(self._slots.items())
@@ -174,7 +184,9 @@ class SweeperBase:
             reclaimed = 0
             try:
                 while True:
+                    slice_started = time.perf_counter()
                     n = store.expire(batch)
+                    longest = max(longest, time.perf_counter() - slice_started)
                     reclaimed += n
                     if n < batch:
                         break
@@ -195,6 +207,8 @@ class SweeperBase:
         with self._state:
             self._ticks += 1
             self._last_tick_duration = time.perf_counter() - started
+            self._last_tick_time = time.time()
+            self._last_tick_longest_slice = longest
         return total
 
     def _count_error(self) -> None:

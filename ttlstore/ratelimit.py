@@ -60,11 +60,6 @@ R = TypeVar("R")
 
 _STEPS_KEPT = 64  # decision functions kept per limiter, one per cost seen
 
-# Until ttlstore/redis.py imports these from ttlstore._gcra (the lead's split of that module).
-_check_timeout = check_timeout
-_wait_sync = wait_sync
-_wait_async = wait_async
-
 
 @dataclass(frozen=True, slots=True)
 class LimiterStats:
@@ -141,7 +136,16 @@ class TokenBucketLimiter:
     read and write, O(1), or O(log n) when the store files a new deadline.
     """
 
-    __slots__ = ("_allowed", "_buckets", "_denied", "_epoch", "_now", "_steps", "_store")
+    __slots__ = (
+        "__weakref__",  # ttlstore.metrics holds registered limiters weakly
+        "_allowed",
+        "_buckets",
+        "_denied",
+        "_epoch",
+        "_now",
+        "_steps",
+        "_store",
+    )
 
     @overload
     def __init__(
@@ -301,23 +305,6 @@ class TokenBucketLimiter:
     def __repr__(self) -> str:
         limits = ", ".join(f"{b.limit.capacity}@{b.limit.rate}/s" for b in self._buckets)
         return f"<TokenBucketLimiter limits=[{limits}] maxsize={self._store.maxsize}>"
-
-    # ------------------------------------------------------------------ compatibility
-
-    # Until ttlstore/redis.py (and tests/test_redis.py) build on ttlstore._gcra (the lead's
-    # split of that module), they borrow these from a TokenBucketLimiter; nothing here uses
-    # them. Delete them with that change.
-
-    def _check_cost(self, cost: object) -> int:
-        return check_cost(self._buckets, cost)
-
-    def _decide(
-        self, state: State | None, now: int, cost: int, take: bool = True
-    ) -> tuple[Decision, State | None]:
-        return decide(self._buckets, state, now, cost, take)
-
-    def _full_at(self, state: State, now: int) -> int:
-        return full_at(self._buckets, state, now)
 
 
 def _ns_clock(clock: Callable[[], float]) -> Callable[[], int]:
