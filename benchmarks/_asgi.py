@@ -147,13 +147,15 @@ def _starlette(middleware: Sequence[Any] = ()) -> Any:
     async def create_order(request: Any) -> Any:
         return JSONResponse({"order": 1, "status": "created"}, status_code=201)
 
-    return Starlette(routes=[Route("/orders", create_order, methods=["POST"])], middleware=middleware)
+    return Starlette(
+        routes=[Route("/orders", create_order, methods=["POST"])], middleware=middleware
+    )
 
 
 def _ttl_limiter() -> Any:
     from ttlstore.ratelimit import Limit, TokenBucketLimiter
 
-    return TokenBucketLimiter(limits=[Limit.per(1_000_000, 60)])
+    return TokenBucketLimiter(limits=[Limit.per(1_000, 60)])
 
 
 def _ttl_ratelimit(app: Any) -> Any:
@@ -179,7 +181,7 @@ def _slowapi() -> Any:
         raise Missing(str(error)) from error
     app = _starlette([Middleware(SlowAPIASGIMiddleware)])
     app.state.limiter = Limiter(
-        key_func=get_remote_address, default_limits=["1000000/minute"], headers_enabled=True
+        key_func=get_remote_address, default_limits=["1000/minute"], headers_enabled=True
     )
     return app
 
@@ -445,8 +447,10 @@ def markdown(section: dict[str, Any] | None) -> list[str]:
     ]
     for row in section["rows"]:
         if row["status"] != "ok":
-            out.append(f"| {row['name']} | {row['version'] or '—'} | {row['status']}: "
-                       f"{row['reason']} | — | — |")
+            out.append(
+                f"| {row['name']} | {row['version'] or '—'} | {row['status']}: "
+                f"{row['reason']} | — | — |"
+            )
             continue
         added = f"{row['added']:.1f}" if "added" in row else ""
         ratio = f"{row['ratio']:.2f}" if "ratio" in row else ""

@@ -560,7 +560,7 @@ def test_a_failing_backend_does_not_hide_the_result(caplog: pytest.LogCaptureFix
         assert fn() == "value"
         with pytest.raises(ValueError, match="own error"):
             fails()
-    assert caplog.text.count("could not end the claim") == 2
+    assert caplog.text.count("failed to end the claim") == 2
 
 
 @pytest.mark.parametrize(

@@ -35,12 +35,13 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeAlias, TypeVar, cast
 
 from ttlstore._checks import positive_int, positive_seconds, ttl_or_none
-from ttlstore.store import TTLStore
+from ttlstore.records import StoredResponse
+from ttlstore.store import StoreStats, TTLStore
 
 __all__ = [
     "AsyncIdempotencyBackend",
@@ -88,6 +89,10 @@ class Replay(Generic[R]):
 class InProgress:
     """Another owner holds the key with the same fingerprint and has not finished yet."""
 
+    retry_after: float | None = field(default=None, compare=False)
+    """Seconds until the owner's claim runs out unless it finishes first (its lease left), if
+    the backend knows; ``None`` if not. Not part of equality: ``InProgress()`` matches any."""
+
 
 @dataclass(frozen=True, slots=True)
 class Mismatch:
@@ -102,7 +107,6 @@ class Busy:
 Outcome: TypeAlias = Started | Replay[R] | InProgress | Mismatch | Busy
 """What :meth:`IdempotencyBackend.begin` answers."""
 
-_IN_PROGRESS = InProgress()
 _MISMATCH = Mismatch()
 _BUSY = Busy()
 
@@ -266,16 +270,107 @@ class IdempotencyStats:
     """Live claims now."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Claim:
-    fingerprint: str
-    token: str
+# A record is ``(fingerprint, result)``, or ``(fingerprint, status, headers, body)`` for a
+# StoredResponse; a claim is ``(fingerprint, token)``. Exact tuples of strings, bytes and ints
+# are untracked by CPython's cyclic GC, so a full store costs a full collection one object per
+# entry (the store's own), not three.
+_Record: TypeAlias = tuple[Any, ...]
+_Claim: TypeAlias = tuple[str, str]
+
+# Tokens are drawn from the OS's CSPRNG this many at a time: one os.urandom() call per batch
+# instead of one per claim (a system call costs more than the rest of begin()).
+_TOKEN_BATCH = 64
 
 
-@dataclass(frozen=True, slots=True)
-class _Record:
-    fingerprint: str
-    result: Any
+def _record(fingerprint: str, result: Any) -> _Record:
+    if type(result) is StoredResponse:
+        return (fingerprint, result.status, result.headers, result.body)
+    return (fingerprint, result)
+
+
+def _result(record: _Record) -> Any:
+    if len(record) == 4:
+        return StoredResponse(record[1], record[2], record[3])
+    return record[1]
+
+
+class _StoreView(Mapping[str, Any]):
+    """One of an :class:`IdempotencyStore`'s two tables, every method under the store's lock.
+
+    What :attr:`IdempotencyStore.stores` hands out: a read-only mapping with ``expire`` (for a
+    ``Sweeper`` or ``AsyncSweeper``), ``ttl``, ``peek`` and ``stats``, so the tables can be
+    swept and inspected without ever being changed behind the store's back.
+    """
+
+    __slots__ = ("__weakref__", "_lock", "_store")
+
+    def __init__(self, store: TTLStore[str, Any], lock: threading.Lock | None) -> None:
+        self._store = store
+        self._lock = lock
+
+    def expire(self, limit: int | None = None) -> int:
+        """Reclaim up to ``limit`` due entries now (all if ``None``); return how many."""
+        with self._locked():
+            return self._store.expire(limit)
+
+    def ttl(self, key: str) -> float | None:
+        """Seconds left before ``key`` expires; ``KeyError`` if it is absent or expired."""
+        with self._locked():
+            return self._store.ttl(key)
+
+    def peek(self, key: str, default: Any = None) -> Any:
+        """The value of ``key`` without touching recency, or ``default``."""
+        with self._locked():
+            return self._store.peek(key, default)
+
+    def stats(self) -> StoreStats:
+        """The table's counters (reclaiming due entries first)."""
+        with self._locked():
+            return self._store.stats()
+
+    @property
+    def maxsize(self) -> int:
+        """The most entries the table holds."""
+        return self._store.maxsize
+
+    @property
+    def default_ttl(self) -> float | None:
+        """The table's TTL: ``ttl`` for records, ``lease`` for claims."""
+        return self._store.default_ttl
+
+    @property
+    def threadsafe(self) -> bool:
+        """Whether every method runs under the store's lock."""
+        return self._lock is not None
+
+    def __getitem__(self, key: str) -> Any:
+        with self._locked():
+            value = self._store.peek(key, _ABSENT)
+        if value is _ABSENT:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        with self._locked():
+            return key in self._store
+
+    def __len__(self) -> int:
+        with self._locked():
+            return len(self._store)
+
+    def __iter__(self) -> Iterator[str]:
+        with self._locked():
+            return iter(list(self._store))
+
+    def _locked(self) -> threading.Lock | contextlib.nullcontext[None]:
+        return contextlib.nullcontext() if self._lock is None else self._lock
+
+    def __repr__(self) -> str:
+        with self._locked():
+            return repr(self._store)
+
+
+_ABSENT: Any = object()
 
 
 class IdempotencyStore:
@@ -292,8 +387,9 @@ class IdempotencyStore:
     :param threadsafe: each method is atomic under one lock; ``False`` for one thread or one
         event loop only (then sweep with an ``AsyncSweeper`` on that loop, not a ``Sweeper``).
 
-    Every method is O(1) amortized. Memory is bounded by ``maxsize`` records plus
-    ``max_inflight`` claims; each record holds whatever result its owner stored.
+    Every method is O(1) amortized and takes the store's lock once: the two tables inside are
+    unlocked stores that only this one lock guards. Memory is bounded by ``maxsize`` records
+    plus ``max_inflight`` claims; each record holds whatever result its owner stored.
     """
 
     __slots__ = (
@@ -309,6 +405,8 @@ class IdempotencyStore:
         "_releases",
         "_replays",
         "_stale",
+        "_tokens",
+        "_views",
     )
 
     def __init__(
@@ -326,16 +424,19 @@ class IdempotencyStore:
         positive_int("maxsize", maxsize)
         inflight = maxsize if max_inflight is None else max_inflight
         positive_int("max_inflight", inflight)
+        if not isinstance(threadsafe, bool):
+            raise TypeError(f"threadsafe must be a bool, got {threadsafe!r}")
+        # Unlocked tables: begin() and complete() read one and write the other, so this
+        # store's one lock must guard both anyway, and theirs would only be taken in vain.
         self._records: TTLStore[str, _Record] = TTLStore(
-            maxsize, ttl, clock=clock, threadsafe=threadsafe
+            maxsize, ttl, clock=clock, threadsafe=False
         )
         self._claims: TTLStore[str, _Claim] = TTLStore(
-            inflight, lease, clock=clock, threadsafe=threadsafe
+            inflight, lease, clock=clock, threadsafe=False
         )
-        # One lock over both stores: begin() and complete() read one and write the other.
-        self._lock: threading.Lock | contextlib.nullcontext[None] = (
-            threading.Lock() if threadsafe else contextlib.nullcontext()
-        )
+        self._lock: threading.Lock | None = threading.Lock() if threadsafe else None
+        self._views = (_StoreView(self._records, self._lock), _StoreView(self._claims, self._lock))
+        self._tokens: list[str] = []
         self._claims_started = self._replays = self._conflicts = self._mismatches = 0
         self._busy = self._completions = self._releases = self._stale = 0
 
@@ -343,37 +444,49 @@ class IdempotencyStore:
         """Claim ``key`` for a request with ``fingerprint``, or say why not. O(1) amortized.
 
         A stored record wins (``Replay``, or ``Mismatch`` for another fingerprint), then a
-        running claim (``InProgress``, or ``Mismatch``), then the in-flight bound (``Busy``).
-        Otherwise the caller gets ``Started`` with a fresh unguessable token.
+        running claim (``InProgress`` with the lease it has left, or ``Mismatch``), then the
+        in-flight bound (``Busy``). Otherwise the caller gets ``Started`` with a fresh
+        unguessable token.
         """
-        if not isinstance(key, str):
+        if type(key) is not str and not isinstance(key, str):
             raise TypeError(f"key must be a str, got {key!r}")
-        if not isinstance(fingerprint, str):
+        if type(fingerprint) is not str and not isinstance(fingerprint, str):
             raise TypeError(f"fingerprint must be a str, got {fingerprint!r}")
-        with self._lock:
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
             record = self._records.get(key)
             if record is not None:
-                if record.fingerprint != fingerprint:
+                if record[0] != fingerprint:
                     self._mismatches += 1
                     return _MISMATCH
                 self._replays += 1
-                return Replay(record.result)
-            claim = self._claims.peek(key)
+                return Replay(_result(record))
+            claims = self._claims
+            claim = claims.peek(key)
             if claim is not None:
-                if claim.fingerprint != fingerprint:
+                if claim[0] != fingerprint:
                     self._mismatches += 1
                     return _MISMATCH
                 self._conflicts += 1
-                return _IN_PROGRESS
+                return InProgress(claims.ttl(key))
             # len() reclaims expired claims first, so only live ones count against the bound.
             # Checking here, rather than letting set() evict, is what keeps running claims.
-            if len(self._claims) >= self._claims.maxsize:
+            if len(claims) >= claims.maxsize:
                 self._busy += 1
                 return _BUSY
-            token = secrets.token_hex(16)
-            self._claims.set(key, _Claim(fingerprint, token))
+            tokens = self._tokens
+            if not tokens:
+                pool = secrets.token_hex(16 * _TOKEN_BATCH)
+                tokens += [pool[i : i + 32] for i in range(0, len(pool), 32)]
+            token = tokens.pop()
+            claims[key] = (fingerprint, token)
             self._claims_started += 1
             return Started(token)
+        finally:
+            if lock is not None:
+                lock.release()
 
     def complete(self, key: str, token: str, result: Any) -> bool:
         """Store ``result`` for ``key`` (for ``ttl``) and end the claim. O(1) amortized.
@@ -381,39 +494,52 @@ class IdempotencyStore:
         Returns False, storing nothing, if ``token`` no longer owns ``key`` (its lease ran out,
         it was completed or released already, or it never did).
         """
-        with self._lock:
-            claim = self._owned(key, token)
-            if claim is None:
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            claims = self._claims
+            claim = claims.peek(key)
+            if claim is None or claim[1] != token:
+                self._stale += 1
                 return False
-            del self._claims[key]
-            self._records.set(key, _Record(claim.fingerprint, result))
+            del claims[key]
+            self._records[key] = _record(claim[0], result)
             self._completions += 1
             return True
+        finally:
+            if lock is not None:
+                lock.release()
 
     def release(self, key: str, token: str) -> bool:
         """End the claim on ``key`` without storing anything, so a retry runs again. O(1).
 
         Returns False if ``token`` no longer owns ``key``.
         """
-        with self._lock:
-            if self._owned(key, token) is None:
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            claims = self._claims
+            claim = claims.peek(key)
+            if claim is None or claim[1] != token:
+                self._stale += 1
                 return False
-            del self._claims[key]
+            del claims[key]
             self._releases += 1
             return True
-
-    def _owned(self, key: str, token: str) -> _Claim | None:
-        """The live claim on ``key`` if ``token`` owns it, else None (counted as stale)."""
-        claim = self._claims.peek(key)
-        if claim is None or claim.token != token:
-            self._stale += 1
-            return None
-        return claim
+        finally:
+            if lock is not None:
+                lock.release()
 
     @property
-    def stores(self) -> tuple[TTLStore[str, Any], TTLStore[str, Any]]:
-        """The records store and the claims store, to hand to a ``Sweeper``/``AsyncSweeper``."""
-        return self._records, self._claims
+    def stores(self) -> tuple[_StoreView, _StoreView]:
+        """The records table and the claims table, to hand to a ``Sweeper``/``AsyncSweeper``.
+
+        Read-only views that take this store's lock: ``expire``, ``ttl``, ``peek``, ``stats``,
+        ``len``, ``in`` and iteration, nothing that writes.
+        """
+        return self._views
 
     @property
     def ttl(self) -> float | None:
@@ -437,9 +563,17 @@ class IdempotencyStore:
         """The most claims held at once."""
         return self._claims.maxsize
 
+    @property
+    def threadsafe(self) -> bool:
+        """Whether every method runs under the store's lock."""
+        return self._lock is not None
+
     def stats(self) -> IdempotencyStats:
         """An immutable snapshot of the counters, after reclaiming due entries. O(1) amortized."""
-        with self._lock:
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
             records, claims = self._records.stats(), self._claims.stats()
             return IdempotencyStats(
                 claims=self._claims_started,
@@ -457,6 +591,9 @@ class IdempotencyStore:
                 records=records.size,
                 inflight=claims.size,
             )
+        finally:
+            if lock is not None:
+                lock.release()
 
     def __repr__(self) -> str:
         ttl = "None" if self.ttl is None else f"{self.ttl:g}"

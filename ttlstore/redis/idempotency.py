@@ -88,7 +88,9 @@ class _Idempotency(Connected[C, S]):
         if kind == "replay":
             return Replay(self._codec.decode(as_bytes(reply[1])))
         if kind == "in_progress":
-            return _IN_PROGRESS
+            # The claim's PTTL: the lease its owner has left (a 409 tells clients to wait it).
+            left = int(reply[1]) if len(reply) > 1 else -1
+            return InProgress(left / 1000) if left >= 0 else _IN_PROGRESS
         if kind == "mismatch":
             return _MISMATCH
         raise RuntimeError(f"the Redis begin script answered {reply!r} (a bug in ttlstore)")
