@@ -288,7 +288,7 @@ async def test_one_async_sweeper_reclaims_both_stores(clock: FakeClock) -> None:
     assert await sweeper.sweep() == 2
     # Reclaimed by the sweeper, not by a read: the raw stores are already empty.
     assert repr(records).startswith("<TTLStore stored=0")
-    assert repr(claims).startswith("<TTLStore stored=0")
+    assert repr(claims).startswith("<claims stored=0")
     assert store.stats().lease_expiries == 1
 
 

@@ -13,13 +13,13 @@ of five outcomes:
 ``Busy()``          the in-flight table is full: nothing was claimed, try again shortly
 ==================  =========================================================================
 
-Two TTLStores hold the state. Completed *records* live in one (``ttl``, LRU-bounded by
-``maxsize``); running *claims* live in another (TTL ``lease``, bounded by ``max_inflight``) that
-is never evicted to make room: when it is full, :meth:`~IdempotencyStore.begin` answers
-``Busy`` instead of dropping a running claim, so a key is never run twice at once because the
-store was full. A claim whose owner never finishes expires with its lease; a token belongs to
-one claim only, so an owner whose lease ran out can neither complete nor release a later
-owner's claim.
+Two tables hold the state. Completed *records* live in a TTLStore (``ttl``, LRU-bounded by
+``maxsize``); running *claims* live in a table of their own (each for one ``lease``, bounded by
+``max_inflight``) that is never evicted to make room: when it is full,
+:meth:`~IdempotencyStore.begin` answers ``Busy`` instead of dropping a running claim, so a key
+is never run twice at once because the store was full. A claim whose owner never finishes
+expires with its lease; a token belongs to one claim only, so an owner whose lease ran out can
+neither complete nor release a later owner's claim.
 
 :func:`idempotent` wraps sync and async functions; :class:`IdempotencyBackend` and
 :class:`AsyncIdempotencyBackend` are the seam through which it (and
@@ -35,6 +35,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeAlias, TypeVar, cast
@@ -275,7 +276,6 @@ class IdempotencyStats:
 # are untracked by CPython's cyclic GC, so a full store costs a full collection one object per
 # entry (the store's own), not three.
 _Record: TypeAlias = tuple[Any, ...]
-_Claim: TypeAlias = tuple[str, str]
 
 # Tokens are drawn from the OS's CSPRNG this many at a time: one os.urandom() call per batch
 # instead of one per claim (a system call costs more than the rest of begin()).
@@ -294,6 +294,125 @@ def _result(record: _Record) -> Any:
     return record[1]
 
 
+class _Claims:
+    """The running claims of an :class:`IdempotencyStore`: key -> (fingerprint, token, deadline).
+
+    Every claim gets the same lease, so on a monotonic clock the order claims are made in is
+    the order they fall due: an ``OrderedDict`` in claim order finds due claims at its front,
+    O(1) each, and a claim costs three dict operations over its life. A claim is never evicted
+    (the store answers ``Busy`` at the bound instead). Unlocked: the store's lock guards it.
+    Reads offer what a swept, inspected table needs (as :class:`~ttlstore.TTLStore` does).
+    """
+
+    __slots__ = ("_clock", "_data", "_deletions", "_expirations", "_lease", "_maxsize", "_writes")
+
+    def __init__(self, maxsize: int, lease: float, clock: Callable[[], float]) -> None:
+        self._maxsize = maxsize
+        self._lease = lease
+        self._clock = clock
+        self._data: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
+        self._writes = self._deletions = self._expirations = 0
+
+    def live(self, key: str, now: float) -> tuple[str, str, float] | None:
+        """The claim on ``key`` if its lease has not run out (one that has is reclaimed)."""
+        claim = self._data.get(key)
+        if claim is not None and claim[2] <= now:
+            del self._data[key]
+            self._expirations += 1
+            return None
+        return claim
+
+    def full(self, now: float) -> bool:
+        """Whether ``maxsize`` live claims are held, after reclaiming due ones. O(1) amortized."""
+        if len(self._data) < self._maxsize:
+            return False
+        self._expire(None, now)
+        return len(self._data) >= self._maxsize
+
+    def add(self, key: str, fingerprint: str, token: str, now: float) -> None:
+        """Claim ``key``, absent or due (checked with :meth:`live`), for one lease."""
+        self._data[key] = (fingerprint, token, now + self._lease)
+        self._writes += 1
+
+    def remove(self, key: str) -> None:
+        """End the live claim on ``key``."""
+        del self._data[key]
+        self._deletions += 1
+
+    def _expire(self, limit: int | None, now: float) -> int:
+        data = self._data
+        done = 0
+        while data and (limit is None or done < limit):
+            key, claim = next(iter(data.items()))
+            if claim[2] > now:
+                break
+            del data[key]
+            done += 1
+        self._expirations += done
+        return done
+
+    # ------------------------------------------------------------ reads, for the view
+
+    def expire(self, limit: int | None = None) -> int:
+        """Reclaim up to ``limit`` due claims (all if None); return how many. O(k)."""
+        return self._expire(limit, self._clock())
+
+    def ttl(self, key: str) -> float:
+        """Seconds left of the claim on ``key``; ``KeyError`` if there is none."""
+        now = self._clock()
+        claim = self.live(key, now)
+        if claim is None:
+            raise KeyError(key)
+        return claim[2] - now
+
+    def peek(self, key: str, default: Any = None) -> Any:
+        """``(fingerprint, token)`` of the live claim on ``key``, else ``default``."""
+        claim = self._data.get(key)
+        return claim[:2] if claim is not None and claim[2] > self._clock() else default
+
+    def stats(self) -> StoreStats:
+        """Counters as a :class:`~ttlstore.StoreStats`, after reclaiming due claims."""
+        self._expire(None, self._clock())
+        return StoreStats(
+            hits=0,
+            misses=0,
+            writes=self._writes,
+            expirations=self._expirations,
+            evictions=0,
+            deletions=self._deletions,
+            replacements=0,
+            size=len(self._data),
+            weight=0,
+        )
+
+    @property
+    def maxsize(self) -> int:
+        return self._maxsize
+
+    @property
+    def default_ttl(self) -> float:
+        return self._lease
+
+    def __contains__(self, key: object) -> bool:
+        claim = self._data.get(key)  # type: ignore[call-overload]
+        return claim is not None and claim[2] > self._clock()
+
+    def __len__(self) -> int:
+        self._expire(None, self._clock())
+        return len(self._data)
+
+    def __iter__(self) -> Iterator[str]:
+        self._expire(None, self._clock())
+        return iter(list(self._data))
+
+    def __repr__(self) -> str:
+        # Counts what is held, due claims included: repr must not reclaim.
+        return f"<claims stored={len(self._data)} maxsize={self._maxsize} lease={self._lease:g}>"
+
+
+_Table: TypeAlias = "TTLStore[str, Any] | _Claims"
+
+
 class _StoreView(Mapping[str, Any]):
     """One of an :class:`IdempotencyStore`'s two tables, every method under the store's lock.
 
@@ -304,7 +423,7 @@ class _StoreView(Mapping[str, Any]):
 
     __slots__ = ("__weakref__", "_lock", "_store")
 
-    def __init__(self, store: TTLStore[str, Any], lock: threading.Lock | None) -> None:
+    def __init__(self, store: _Table, lock: threading.Lock | None) -> None:
         self._store = store
         self._lock = lock
 
@@ -374,7 +493,7 @@ _ABSENT: Any = object()
 
 
 class IdempotencyStore:
-    """In-memory idempotency records and claims, built on two :class:`~ttlstore.TTLStore`.
+    """In-memory idempotency records (a :class:`~ttlstore.TTLStore`) and running claims.
 
     :param ttl: seconds a completed result is kept (``None``: until evicted).
     :param maxsize: the most completed results kept; the least recently used goes first.
@@ -388,7 +507,7 @@ class IdempotencyStore:
         event loop only (then sweep with an ``AsyncSweeper`` on that loop, not a ``Sweeper``).
 
     Every method is O(1) amortized and takes the store's lock once: the two tables inside are
-    unlocked stores that only this one lock guards. Memory is bounded by ``maxsize`` records
+    unlocked, and only this one lock guards them. Memory is bounded by ``maxsize`` records
     plus ``max_inflight`` claims; each record holds whatever result its owner stored.
     """
 
@@ -397,6 +516,7 @@ class IdempotencyStore:
         "_busy",
         "_claims",
         "_claims_started",
+        "_clock",
         "_completions",
         "_conflicts",
         "_lock",
@@ -431,9 +551,8 @@ class IdempotencyStore:
         self._records: TTLStore[str, _Record] = TTLStore(
             maxsize, ttl, clock=clock, threadsafe=False
         )
-        self._claims: TTLStore[str, _Claim] = TTLStore(
-            inflight, lease, clock=clock, threadsafe=False
-        )
+        self._claims = _Claims(inflight, positive_seconds("lease", lease), clock)
+        self._clock = clock
         self._lock: threading.Lock | None = threading.Lock() if threadsafe else None
         self._views = (_StoreView(self._records, self._lock), _StoreView(self._claims, self._lock))
         self._tokens: list[str] = []
@@ -464,16 +583,16 @@ class IdempotencyStore:
                 self._replays += 1
                 return Replay(_result(record))
             claims = self._claims
-            claim = claims.peek(key)
+            now = self._clock()
+            claim = claims.live(key, now)
             if claim is not None:
                 if claim[0] != fingerprint:
                     self._mismatches += 1
                     return _MISMATCH
                 self._conflicts += 1
-                return InProgress(claims.ttl(key))
-            # len() reclaims expired claims first, so only live ones count against the bound.
-            # Checking here, rather than letting set() evict, is what keeps running claims.
-            if len(claims) >= claims.maxsize:
+                return InProgress(claim[2] - now)
+            # Checked here rather than by making room: a running claim is never dropped.
+            if claims.full(now):
                 self._busy += 1
                 return _BUSY
             tokens = self._tokens
@@ -481,7 +600,7 @@ class IdempotencyStore:
                 pool = secrets.token_hex(16 * _TOKEN_BATCH)
                 tokens += [pool[i : i + 32] for i in range(0, len(pool), 32)]
             token = tokens.pop()
-            claims[key] = (fingerprint, token)
+            claims.add(key, fingerprint, token, now)
             self._claims_started += 1
             return Started(token)
         finally:
@@ -499,11 +618,11 @@ class IdempotencyStore:
             lock.acquire()
         try:
             claims = self._claims
-            claim = claims.peek(key)
+            claim = claims.live(key, self._clock())
             if claim is None or claim[1] != token:
                 self._stale += 1
                 return False
-            del claims[key]
+            claims.remove(key)
             self._records[key] = _record(claim[0], result)
             self._completions += 1
             return True
@@ -521,11 +640,11 @@ class IdempotencyStore:
             lock.acquire()
         try:
             claims = self._claims
-            claim = claims.peek(key)
+            claim = claims.live(key, self._clock())
             if claim is None or claim[1] != token:
                 self._stale += 1
                 return False
-            del claims[key]
+            claims.remove(key)
             self._releases += 1
             return True
         finally:
@@ -549,9 +668,7 @@ class IdempotencyStore:
     @property
     def lease(self) -> float:
         """Seconds a claim lasts without complete or release."""
-        lease = self._claims.default_ttl
-        assert lease is not None  # checked in __init__
-        return lease
+        return self._claims.default_ttl
 
     @property
     def maxsize(self) -> int:

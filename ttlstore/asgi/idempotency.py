@@ -11,8 +11,8 @@ import hashlib
 import math
 import re
 import struct
-from collections.abc import Awaitable, Callable, Collection, Iterable
-from typing import Any, TypeAlias, cast
+from collections.abc import Callable, Collection, Coroutine, Iterable
+from typing import Any, cast
 
 import http_sf
 
@@ -149,19 +149,13 @@ class _BodyTooLarge(Exception):
     """The request body outgrew ``max_body`` while it was being read."""
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    """The whole request body, or None if the client disconnected first.
+async def _read_body(receive: Receive, message: Message, limit: int) -> bytes | None:
+    """The whole request body, starting from its first ``message``; None if the client
+    disconnected first.
 
     Raises :class:`_BodyTooLarge` as soon as more than ``limit`` bytes have arrived, so at
-    most ``limit`` bytes (plus one chunk) are ever held. One ``receive`` for the usual
-    single-message body.
+    most ``limit`` bytes (plus one chunk) are ever held.
     """
-    message = await receive()
-    if message["type"] == "http.request" and not message.get("more_body", False):
-        body = message.get("body", b"")
-        if len(body) > limit:
-            raise _BodyTooLarge
-        return body if type(body) is bytes else bytes(body)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -178,15 +172,39 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
         message = await receive()
 
 
-_Settings: TypeAlias = tuple[
-    int,
-    frozenset[int],
-    Callable[[str, str, "StoredResponse | None"], Awaitable[bool]],
-    FaultLog,
-    FaultLog,
-]
-"""What every run of one middleware shares: response limit, statuses to store, how to end a
-claim, and the two fault logs."""
+class _Shared:
+    """What every run of one middleware shares: the store (sync, or async), the response
+    limit, the statuses to store, and the fault logs."""
+
+    __slots__ = ("async_store", "faults", "late", "limit", "statuses", "sync_store")
+
+    def __init__(
+        self,
+        store: IdempotencyBackend[StoredResponse] | AsyncIdempotencyBackend[StoredResponse],
+        limit: int,
+        statuses: frozenset[int],
+    ) -> None:
+        # A sync backend (the in-memory store) is called inline, without a coroutine around
+        # each call; an async one is awaited.
+        self.sync_store: IdempotencyBackend[StoredResponse] | None = (
+            None if is_async_backend(store, "store") else cast("IdempotencyBackend[Any]", store)
+        )
+        self.async_store = as_async_backend(store, name="store")
+        self.limit = limit
+        self.statuses = statuses
+        self.faults = FaultLog("IdempotencyMiddleware: the idempotency store failed")
+        self.late = FaultLog("IdempotencyMiddleware")
+
+    def stored(self, done: bool, lookup: str) -> None:
+        if not done:
+            self.late.log(
+                f"the claim on {lookup!r} ran out before the response was complete (lease "
+                "shorter than the request?); it was not stored"
+            )
+
+    def failed(self, error: Exception, action: str) -> None:
+        # Expected while a shared backend is down: counted, and logged once per interval.
+        self.faults.log(error, action, traceback=not isinstance(error, BackendUnavailable))
 
 
 class _Run:
@@ -202,32 +220,22 @@ class _Run:
     __slots__ = (
         "body",
         "chunks",
-        "end",
-        "faults",
         "headers",
-        "late",
-        "limit",
         "lookup",
         "receive_rest",
         "send_on",
         "settled",
+        "shared",
         "size",
         "status",
-        "statuses",
         "storable",
         "token",
     )
 
     def __init__(
-        self,
-        settings: _Settings,
-        lookup: str,
-        token: str,
-        body: bytes,
-        receive: Receive,
-        send: Send,
+        self, shared: _Shared, lookup: str, token: str, body: bytes, receive: Receive, send: Send
     ) -> None:
-        self.limit, self.statuses, self.end, self.faults, self.late = settings
+        self.shared = shared
         self.lookup = lookup
         self.token = token
         self.body: bytes | None = body
@@ -254,14 +262,16 @@ class _Run:
             if self.storable:
                 chunk = message.get("body", b"")
                 self.size += len(chunk)
-                if self.size > self.limit:
+                if self.size > self.shared.limit:
                     self.drop()
                 else:
                     self.chunks.append(chunk if type(chunk) is bytes else bytes(chunk))
-            if not message.get("more_body", False):
+            if not message.get("more_body", False) and not self.settled:
                 # Store before the last chunk leaves: a client that disconnects now and
                 # retries gets the replay, not a second execution.
-                await self.settle(self.storable)
+                pending = self.settle(True)
+                if pending is not None:
+                    await pending
         elif kind == "http.response.start":
             self.start(message)
         else:
@@ -282,32 +292,48 @@ class _Run:
         self.headers = tuple(copied)
         # Headers count against the limit too: a record's size is what it holds.
         self.size = size
-        if status not in self.statuses or message.get("trailers", False) or size > self.limit:
+        shared = self.shared
+        if status not in shared.statuses or message.get("trailers", False) or size > shared.limit:
             self.drop()
 
     def drop(self) -> None:
         self.storable = False
         self.chunks.clear()
 
-    async def settle(self, store: bool) -> None:
-        """Store the copy (``store``) or release the key, once; a store fault is logged."""
-        if self.settled:
-            return
+    def settle(self, keep: bool) -> Coroutine[Any, Any, None] | None:
+        """End the claim: store the copy (``keep`` and storable) or release the key. Done here
+        for a sync store; for an async one, the coroutine to await. A store fault is logged:
+        the response is the app's and goes out regardless, and the lease ends the claim."""
         self.settled = True
+        response = (
+            StoredResponse(self.status, self.headers, b"".join(self.chunks))
+            if keep and self.storable and self.status
+            else None
+        )
+        shared = self.shared
+        store = shared.sync_store
+        if store is None:
+            return self._settle_async(response)
         try:
-            if not store or not self.status:
-                await self.end(self.lookup, self.token, None)
+            if response is None:
+                store.release(self.lookup, self.token)
             else:
-                response = StoredResponse(self.status, self.headers, b"".join(self.chunks))
-                if not await self.end(self.lookup, self.token, response):
-                    self.late.log(
-                        f"the claim on {self.lookup!r} ran out before the response was "
-                        "complete (lease shorter than the request?); it was not stored"
-                    )
+                shared.stored(store.complete(self.lookup, self.token, response), self.lookup)
         except Exception as error:
-            # The response is the app's and goes out regardless; the lease ends the claim.
-            action = "to end a claim"
-            self.faults.log(error, action, traceback=not isinstance(error, BackendUnavailable))
+            shared.failed(error, "to end a claim")
+        return None
+
+    async def _settle_async(self, response: StoredResponse | None) -> None:
+        shared = self.shared
+        store = shared.async_store
+        try:
+            if response is None:
+                await store.release(self.lookup, self.token)
+            else:
+                done = await store.complete(self.lookup, self.token, response)
+                shared.stored(done, self.lookup)
+        except Exception as error:
+            shared.failed(error, "to end a claim")
 
 
 def _is_token(text: str) -> bool:
@@ -372,19 +398,13 @@ class IdempotencyMiddleware:
     """
 
     __slots__ = (
-        "_async_store",
-        "_faults",
         "_header",
         "_header_name",
-        "_late",
         "_max_body",
-        "_max_response",
         "_methods",
         "_required",
         "_running",
-        "_settings",
-        "_statuses",
-        "_sync_store",
+        "_shared",
         "_tenant_of",
         "app",
     )
@@ -413,37 +433,23 @@ class IdempotencyMiddleware:
         if tenant is not None and not callable(tenant):
             raise TypeError(f"tenant must be a callable(asgi_scope) -> str or None, got {tenant!r}")
         self.app = app
-        # A sync backend (the in-memory store) is called inline, without a coroutine around
-        # each call; an async one is awaited.
-        self._sync_store: IdempotencyBackend[StoredResponse] | None = (
-            None if is_async_backend(store, "store") else cast("IdempotencyBackend[Any]", store)
-        )
-        self._async_store = as_async_backend(store, name="store")
         self._methods = _check_methods(methods)
         self._header_name = header
         self._header = header.lower().encode("ascii")
         self._required = required
         self._tenant_of = tenant
         self._max_body = positive_int("max_body", max_body)
-        self._max_response = positive_int("max_response", max_response)
-        self._statuses = _check_statuses(store_statuses)
+        self._shared = _Shared(
+            store, positive_int("max_response", max_response), _check_statuses(store_statuses)
+        )
         # Lookup key -> token of every request this middleware is running now: a 409 for one
         # of them says "retry in 1 s", since its owner is alive and ends it soon.
         self._running: dict[str, str] = {}
-        self._faults = FaultLog("IdempotencyMiddleware: the idempotency store failed")
-        self._late = FaultLog("IdempotencyMiddleware")
-        self._settings: _Settings = (
-            self._max_response,
-            self._statuses,
-            self._end,
-            self._faults,
-            self._late,
-        )
 
     @property
     def faults(self) -> int:
         """Store faults met so far (each answered 503 or logged); logged at most every 10 s."""
-        return self._faults.count
+        return self._shared.faults.count
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in self._methods:
@@ -474,7 +480,15 @@ class IdempotencyMiddleware:
         try:
             if declared is not None and declared.isdigit() and int(declared) > self._max_body:
                 raise _BodyTooLarge
-            body = await _read_body(receive, self._max_body)
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body: bytes | None = message.get("body", b"")  # the usual one-message body
+                if len(body) > self._max_body:  # type: ignore[arg-type]
+                    raise _BodyTooLarge
+                if type(body) is not bytes:
+                    body = bytes(body)  # type: ignore[arg-type]
+            else:
+                body = await _read_body(receive, message, self._max_body)
         except _BodyTooLarge:
             detail = f"allows request bodies of at most {self._max_body} bytes"
             await self._problem(send, 413, "Request body too large", detail)
@@ -489,42 +503,53 @@ class IdempotencyMiddleware:
             scope.get("query_string", b""),
             body,
         )
+        shared = self._shared
         try:
-            sync = self._sync_store
-            if sync is not None:
-                outcome = sync.begin(lookup, print_)
+            store = shared.sync_store
+            if store is not None:
+                outcome = store.begin(lookup, print_)
             else:
-                outcome = await self._async_store.begin(lookup, print_)
+                outcome = await shared.async_store.begin(lookup, print_)
         except Exception as error:
-            # Expected while a shared backend is down: counted, and logged once per interval.
-            self._faults.log(
-                error, "on begin()", traceback=not isinstance(error, BackendUnavailable)
-            )
+            shared.failed(error, "on begin()")
             await send_problem(send, 503, "Idempotency store unavailable", headers=[_RETRY_AFTER])
             return
-        kind = type(outcome)
-        if kind is Started:
-            await self._run(scope, receive, send, lookup, outcome.token, body)  # type: ignore[union-attr]
-        elif kind is Replay:
-            await _send_replay(send, outcome.result)  # type: ignore[union-attr]
-        else:
-            await self._answer(scope, receive, send, lookup, body, outcome)
-
-    async def _answer(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        lookup: str,
-        body: bytes,
-        outcome: Outcome[Any],
-    ) -> None:
-        """Every outcome but an exact ``Started`` or ``Replay`` (subclasses included)."""
         if isinstance(outcome, Started):
-            await self._run(scope, receive, send, lookup, outcome.token, body)
+            # Inline rather than a call: one coroutine less on every first request.
+            token = outcome.token
+            run = _Run(shared, lookup, token, body, receive, send)
+            running = self._running
+            running[lookup] = token
+            try:
+                await self.app(scope, run.receive, run.send)
+            finally:
+                if running.get(lookup) == token:
+                    del running[lookup]
+                if not run.settled:  # no complete body was sent: the retry must run again
+                    pending = run.settle(False)
+                    if pending is not None:
+                        await pending
         elif isinstance(outcome, Replay):
-            await _send_replay(send, outcome.result)
-        elif isinstance(outcome, InProgress):
+            response = outcome.result
+            if type(response) is not StoredResponse:
+                response = _check_stored(response)
+            body = response.body
+            headers = [*response.headers, _REPLAYED]
+            for name, _ in response.headers:
+                if name == b"content-length" or name.lower() == b"content-length":
+                    break
+            else:
+                headers.append((b"content-length", b"%d" % len(body)))
+            await send(
+                {"type": "http.response.start", "status": response.status, "headers": headers}
+            )
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+        else:
+            await self._answer(send, lookup, outcome)
+
+    async def _answer(self, send: Send, lookup: str, outcome: Outcome[Any]) -> None:
+        """Every outcome but ``Started`` and ``Replay``: a problem response."""
+        if isinstance(outcome, InProgress):
             detail = "belongs to a request that is still being processed; retry later"
             retry = self._retry_after(lookup, outcome)
             await self._problem(send, 409, "Request in progress", detail, [retry])
@@ -563,42 +588,8 @@ class IdempotencyMiddleware:
         """A problem response whose detail starts with the header's name."""
         await send_problem(send, status, title, f"{self._header_name} {detail}", headers)
 
-    async def _end(self, lookup: str, token: str, response: StoredResponse | None) -> bool:
-        """``complete`` the claim with ``response``, or ``release`` it when None."""
-        sync = self._sync_store
-        if sync is not None:
-            if response is None:
-                return sync.release(lookup, token)
-            return sync.complete(lookup, token, response)
-        if response is None:
-            return await self._async_store.release(lookup, token)
-        return await self._async_store.complete(lookup, token, response)
 
-    async def _run(
-        self, scope: Scope, receive: Receive, send: Send, lookup: str, token: str, body: bytes
-    ) -> None:
-        """Run the app as the key's owner; store or release the claim exactly once."""
-        run = _Run(self._settings, lookup, token, body, receive, send)
-        running = self._running
-        running[lookup] = token
-        try:
-            await self.app(scope, run.receive, run.send)
-        finally:
-            if running.get(lookup) == token:
-                del running[lookup]
-            await run.settle(False)  # no complete body was sent: the retry must run again
-
-
-async def _send_replay(send: Send, response: object) -> None:
-    """Send a stored response again, marked ``Idempotent-Replayed: true``."""
+def _check_stored(response: object) -> StoredResponse:
     if not isinstance(response, StoredResponse):
         raise TypeError(f"the idempotency store holds {response!r}, not a StoredResponse")
-    body = response.body
-    headers = [*response.headers, _REPLAYED]
-    for name, _ in response.headers:
-        if name == b"content-length" or name.lower() == b"content-length":
-            break
-    else:
-        headers.append((b"content-length", b"%d" % len(body)))
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    return response
