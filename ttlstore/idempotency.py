@@ -284,13 +284,16 @@ _TOKEN_BATCH = 64
 
 def _record(fingerprint: str, result: Any) -> _Record:
     if type(result) is StoredResponse:
-        return (fingerprint, result.status, result.headers, result.body)
+        return (fingerprint, *result)
     return (fingerprint, result)
+
+
+_as_response = tuple.__new__
 
 
 def _result(record: _Record) -> Any:
     if len(record) == 4:
-        return StoredResponse(record[1], record[2], record[3])
+        return _as_response(StoredResponse, record[1:])
     return record[1]
 
 
@@ -300,47 +303,34 @@ class _Claims:
     Every claim gets the same lease, so on a monotonic clock the order claims are made in is
     the order they fall due: an ``OrderedDict`` in claim order finds due claims at its front,
     O(1) each, and a claim costs three dict operations over its life. A claim is never evicted
-    (the store answers ``Busy`` at the bound instead). Unlocked: the store's lock guards it.
-    Reads offer what a swept, inspected table needs (as :class:`~ttlstore.TTLStore` does).
+    (the store answers ``Busy`` at the bound instead). Unlocked: the store's lock guards it,
+    and the store reads and writes :attr:`data` itself on its hot paths. Reads offer what a
+    swept, inspected table needs (as :class:`~ttlstore.TTLStore` does).
     """
 
-    __slots__ = ("_clock", "_data", "_deletions", "_expirations", "_lease", "_maxsize", "_writes")
+    __slots__ = ("_clock", "_expirations", "data", "lease", "maxsize")
 
     def __init__(self, maxsize: int, lease: float, clock: Callable[[], float]) -> None:
-        self._maxsize = maxsize
-        self._lease = lease
+        self.maxsize = maxsize
+        self.lease = lease
         self._clock = clock
-        self._data: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
-        self._writes = self._deletions = self._expirations = 0
+        self.data: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
+        self._expirations = 0
 
-    def live(self, key: str, now: float) -> tuple[str, str, float] | None:
-        """The claim on ``key`` if its lease has not run out (one that has is reclaimed)."""
-        claim = self._data.get(key)
-        if claim is not None and claim[2] <= now:
-            del self._data[key]
-            self._expirations += 1
-            return None
-        return claim
+    def drop(self, key: str) -> None:
+        """Reclaim the claim on ``key``, found past its deadline."""
+        del self.data[key]
+        self._expirations += 1
 
     def full(self, now: float) -> bool:
         """Whether ``maxsize`` live claims are held, after reclaiming due ones. O(1) amortized."""
-        if len(self._data) < self._maxsize:
+        if len(self.data) < self.maxsize:
             return False
         self._expire(None, now)
-        return len(self._data) >= self._maxsize
-
-    def add(self, key: str, fingerprint: str, token: str, now: float) -> None:
-        """Claim ``key``, absent or due (checked with :meth:`live`), for one lease."""
-        self._data[key] = (fingerprint, token, now + self._lease)
-        self._writes += 1
-
-    def remove(self, key: str) -> None:
-        """End the live claim on ``key``."""
-        del self._data[key]
-        self._deletions += 1
+        return len(self.data) >= self.maxsize
 
     def _expire(self, limit: int | None, now: float) -> int:
-        data = self._data
+        data = self.data
         done = 0
         while data and (limit is None or done < limit):
             key, claim = next(iter(data.items()))
@@ -360,54 +350,52 @@ class _Claims:
     def ttl(self, key: str) -> float:
         """Seconds left of the claim on ``key``; ``KeyError`` if there is none."""
         now = self._clock()
-        claim = self.live(key, now)
-        if claim is None:
+        claim = self.data.get(key)
+        if claim is None or claim[2] <= now:
             raise KeyError(key)
         return claim[2] - now
 
     def peek(self, key: str, default: Any = None) -> Any:
         """``(fingerprint, token)`` of the live claim on ``key``, else ``default``."""
-        claim = self._data.get(key)
+        claim = self.data.get(key)
         return claim[:2] if claim is not None and claim[2] > self._clock() else default
 
     def stats(self) -> StoreStats:
-        """Counters as a :class:`~ttlstore.StoreStats`, after reclaiming due claims."""
+        """Claims that ran out (``expirations``) and live claims (``size``) as a
+        :class:`~ttlstore.StoreStats`, after reclaiming due claims; the store's own ``stats()``
+        counts the rest."""
         self._expire(None, self._clock())
         return StoreStats(
             hits=0,
             misses=0,
-            writes=self._writes,
+            writes=0,
             expirations=self._expirations,
             evictions=0,
-            deletions=self._deletions,
+            deletions=0,
             replacements=0,
-            size=len(self._data),
+            size=len(self.data),
             weight=0,
         )
 
     @property
-    def maxsize(self) -> int:
-        return self._maxsize
-
-    @property
     def default_ttl(self) -> float:
-        return self._lease
+        return self.lease
 
     def __contains__(self, key: object) -> bool:
-        claim = self._data.get(key)  # type: ignore[call-overload]
+        claim = self.data.get(key)  # type: ignore[call-overload]
         return claim is not None and claim[2] > self._clock()
 
     def __len__(self) -> int:
         self._expire(None, self._clock())
-        return len(self._data)
+        return len(self.data)
 
     def __iter__(self) -> Iterator[str]:
         self._expire(None, self._clock())
-        return iter(list(self._data))
+        return iter(list(self.data))
 
     def __repr__(self) -> str:
         # Counts what is held, due claims included: repr must not reclaim.
-        return f"<claims stored={len(self._data)} maxsize={self._maxsize} lease={self._lease:g}>"
+        return f"<claims stored={len(self.data)} maxsize={self.maxsize} lease={self.lease:g}>"
 
 
 _Table: TypeAlias = "TTLStore[str, Any] | _Claims"
@@ -583,16 +571,19 @@ class IdempotencyStore:
                 self._replays += 1
                 return Replay(_result(record))
             claims = self._claims
+            data = claims.data
             now = self._clock()
-            claim = claims.live(key, now)
+            claim = data.get(key)
             if claim is not None:
-                if claim[0] != fingerprint:
-                    self._mismatches += 1
-                    return _MISMATCH
-                self._conflicts += 1
-                return InProgress(claim[2] - now)
+                if claim[2] > now:
+                    if claim[0] != fingerprint:
+                        self._mismatches += 1
+                        return _MISMATCH
+                    self._conflicts += 1
+                    return InProgress(claim[2] - now)
+                claims.drop(key)  # its lease ran out: the key is free again
             # Checked here rather than by making room: a running claim is never dropped.
-            if claims.full(now):
+            if len(data) >= claims.maxsize and claims.full(now):
                 self._busy += 1
                 return _BUSY
             tokens = self._tokens
@@ -600,7 +591,7 @@ class IdempotencyStore:
                 pool = secrets.token_hex(16 * _TOKEN_BATCH)
                 tokens += [pool[i : i + 32] for i in range(0, len(pool), 32)]
             token = tokens.pop()
-            claims.add(key, fingerprint, token, now)
+            data[key] = (fingerprint, token, now + claims.lease)
             self._claims_started += 1
             return Started(token)
         finally:
@@ -617,12 +608,12 @@ class IdempotencyStore:
         if lock is not None:
             lock.acquire()
         try:
-            claims = self._claims
-            claim = claims.live(key, self._clock())
-            if claim is None or claim[1] != token:
+            data = self._claims.data
+            claim = data.get(key)
+            if claim is None or claim[1] != token or claim[2] <= self._clock():
                 self._stale += 1
                 return False
-            claims.remove(key)
+            del data[key]
             self._records[key] = _record(claim[0], result)
             self._completions += 1
             return True
@@ -639,12 +630,12 @@ class IdempotencyStore:
         if lock is not None:
             lock.acquire()
         try:
-            claims = self._claims
-            claim = claims.live(key, self._clock())
-            if claim is None or claim[1] != token:
+            data = self._claims.data
+            claim = data.get(key)
+            if claim is None or claim[1] != token or claim[2] <= self._clock():
                 self._stale += 1
                 return False
-            claims.remove(key)
+            del data[key]
             self._releases += 1
             return True
         finally:
@@ -668,7 +659,7 @@ class IdempotencyStore:
     @property
     def lease(self) -> float:
         """Seconds a claim lasts without complete or release."""
-        return self._claims.default_ttl
+        return self._claims.lease
 
     @property
     def maxsize(self) -> int:

@@ -39,6 +39,8 @@ logger = logging.getLogger("ttlstore")
 # million years, which a Limit allows) is sent as this: the fields must always serialise.
 _SF_INTEGER_MAX = 999_999_999_999_999
 
+_ceil = math.ceil
+
 
 def client_host(scope: Scope) -> str | None:
     """The peer address of the connection (``scope["client"][0]``), or None if unknown.
@@ -127,25 +129,16 @@ class RateLimitMiddleware:
             for limit in limiter.limits
         ]
         self._policy_field = (b"ratelimit-policy", http_sf.ser(policy).encode("ascii"))
-        # Each limit's name as a serialised String, for the per-request RateLimit field.
-        self._names: list[tuple[Limit, bytes]] = [
-            (limit, self._serialised_name(limit)) for limit in limiter.limits
-        ]
+        # Each limit's name as a serialised String, for the per-request RateLimit field, by
+        # the id of the limit (which _limits keeps alive, so no id is reused).
+        self._limits = tuple(limiter.limits)
+        self._serialised = {id(limit): self._serialised_name(limit) for limit in self._limits}
 
     def _name(self, name: str | None) -> str:
         return self._policy_name if name is None else name
 
     def _serialised_name(self, limit: Limit) -> bytes:
         return http_sf.ser(self._name(limit.name)).encode("ascii")
-
-    def _field(self, decision: Decision, reset: int) -> bytes:
-        """The ``RateLimit`` field value for ``decision``'s binding limit."""
-        limit = decision.limit
-        for known, serialised in self._names:
-            if known is limit:
-                return ratelimit_field(serialised, decision.remaining, reset)
-        # A limiter answering with a Limit it does not list: serialise its name now.
-        return ratelimit_field(self._serialised_name(limit), decision.remaining, reset)
 
     @property
     def faults(self) -> int:
@@ -183,12 +176,17 @@ class RateLimitMiddleware:
                 send, 503, "Rate limiter unavailable", headers=[(b"retry-after", b"1")]
             )
             return
-        reset = math.ceil(decision.refill_after)
+        reset = _ceil(decision.refill_after)
         fields: tuple[tuple[bytes, bytes], ...] = ()
         # A degraded decision (a shared limiter's on_error policy answered without its
         # backend) knows nothing of the bucket: advertise no state it does not have.
         if self._headers and decision.degraded is None:
-            fields = (self._policy_field, (b"ratelimit", self._field(decision, reset)))
+            limit = decision.limit
+            name = self._serialised.get(id(limit))
+            if name is None:  # a Limit the limiter does not list: serialise its name now
+                name = self._serialised_name(limit)
+            field = ratelimit_field(name, decision.remaining, reset)
+            fields = (self._policy_field, (b"ratelimit", field))
         if not decision.allowed:
             # The draft: Retry-After SHOULD NOT point earlier than the reset parameter.
             retry = max(math.ceil(decision.retry_after), reset)
