@@ -282,12 +282,6 @@ _Record: TypeAlias = tuple[Any, ...]
 _TOKEN_BATCH = 64
 
 
-def _record(fingerprint: str, result: Any) -> _Record:
-    if type(result) is StoredResponse:
-        return (fingerprint, *result)
-    return (fingerprint, result)
-
-
 _as_response = tuple.__new__
 
 
@@ -614,7 +608,10 @@ class IdempotencyStore:
                 self._stale += 1
                 return False
             del data[key]
-            self._records[key] = _record(claim[0], result)
+            # A StoredResponse (a tuple) flattens into the record: one object for the GC less.
+            self._records[key] = (
+                (claim[0], *result) if type(result) is StoredResponse else (claim[0], result)
+            )
             self._completions += 1
             return True
         finally:

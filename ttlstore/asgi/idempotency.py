@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import re
 import struct
@@ -81,6 +82,7 @@ _PLAIN_STRING = re.compile(rb'"([ !#-\[\]-~]*)"')
 _NAMESPACE = "asgi"
 
 _LENGTH = struct.Struct(">Q").pack
+_chain = itertools.chain
 _blake2b = hashlib.blake2b
 
 
@@ -201,12 +203,11 @@ class _Shared:
         self.faults = FaultLog("IdempotencyMiddleware: the idempotency store failed")
         self.late = FaultLog("IdempotencyMiddleware")
 
-    def stored(self, done: bool, lookup: str) -> None:
-        if not done:
-            self.late.log(
-                f"the claim on {lookup!r} ran out before the response was complete (lease "
-                "shorter than the request?); it was not stored"
-            )
+    def late_claim(self, lookup: str) -> None:
+        self.late.log(
+            f"the claim on {lookup!r} ran out before the response was complete (lease "
+            "shorter than the request?); it was not stored"
+        )
 
     def failed(self, error: Exception, action: str) -> None:
         # Expected while a shared backend is down: counted, and logged once per interval.
@@ -286,18 +287,12 @@ class _Run:
 
     def start(self, message: Message) -> None:
         self.status = status = int(message["status"])
-        copied = []
-        size = 0
-        for name, value in message.get("headers", ()):
-            if type(name) is not bytes:
-                name = bytes(name)
-            if type(value) is not bytes:
-                value = bytes(value)
-            copied.append((name, value))
-            size += len(name) + len(value)
-        self.headers = tuple(copied)
+        # Immutable copies (bytes() of bytes is the object itself): the app may reuse its list.
+        self.headers = copied = tuple(
+            [(bytes(name), bytes(value)) for name, value in message.get("headers", ())]
+        )
         # Headers count against the limit too: a record's size is what it holds.
-        self.size = size
+        self.size = size = sum(map(len, _chain(*copied)))
         shared = self.shared
         if status not in shared.statuses or message.get("trailers", False) or size > shared.limit:
             self.drop()
@@ -323,8 +318,8 @@ class _Run:
         try:
             if response is None:
                 store.release(self.lookup, self.token)
-            else:
-                shared.stored(store.complete(self.lookup, self.token, response), self.lookup)
+            elif not store.complete(self.lookup, self.token, response):
+                shared.late_claim(self.lookup)
         except Exception as error:
             shared.failed(error, "to end a claim")
         return None
@@ -335,9 +330,8 @@ class _Run:
         try:
             if response is None:
                 await store.release(self.lookup, self.token)
-            else:
-                done = await store.complete(self.lookup, self.token, response)
-                shared.stored(done, self.lookup)
+            elif not await store.complete(self.lookup, self.token, response):
+                shared.late_claim(self.lookup)
         except Exception as error:
             shared.failed(error, "to end a claim")
 
@@ -461,17 +455,19 @@ class IdempotencyMiddleware:
         if scope["type"] != "http" or scope["method"] not in self._methods:
             await self.app(scope, receive, send)
             return
-        # One pass over the request's headers. Names are compared as given: ASGI servers
+        # The request's fields as a dict, built in C. Names are taken as given: ASGI servers
         # hand them over lower-cased (Starlette's own Headers relies on that too).
+        headers = scope["headers"]
+        if type(headers) is not list:
+            headers = scope["headers"] = list(headers)  # an iterable: read it once, keep it
+        fields = dict(headers)
         wanted = self._header
-        raw: bytes | None = None
-        declared: bytes | None = None
-        for name, value in scope["headers"]:
-            if name == wanted:
-                # Several lines combine with ", " (RFC 9110), which no key survives.
-                raw = value if raw is None else raw + b", " + value
-            elif name == b"content-length":
-                declared = value
+        raw: bytes | None = fields.get(wanted)
+        if raw is not None and len(fields) < len(headers):
+            # A name repeats, maybe ours: several lines combine with ", " (RFC 9110), which
+            # no key survives.
+            raw = b", ".join([value for name, value in headers if name == wanted])
+        declared: bytes | None = fields.get(b"content-length")
         if raw is None:
             if self._required:
                 await self._problem(send, 400, "Missing idempotency key", "is required")
