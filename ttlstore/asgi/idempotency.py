@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 import re
 import struct
@@ -82,7 +81,6 @@ _PLAIN_STRING = re.compile(rb'"([ !#-\[\]-~]*)"')
 _NAMESPACE = "asgi"
 
 _LENGTH = struct.Struct(">Q").pack
-_chain = itertools.chain
 _blake2b = hashlib.blake2b
 
 
@@ -287,12 +285,19 @@ class _Run:
 
     def start(self, message: Message) -> None:
         self.status = status = int(message["status"])
-        # Immutable copies (bytes() of bytes is the object itself): the app may reuse its list.
-        self.headers = copied = tuple(
-            [(bytes(name), bytes(value)) for name, value in message.get("headers", ())]
-        )
+        copied = []
+        size = 0
+        for name, value in message.get("headers", ()):
+            if type(name) is not bytes:
+                name = bytes(name)
+            if type(value) is not bytes:
+                value = bytes(value)
+            copied.append((name, value))
+            size += len(name) + len(value)
+        # An immutable copy: the app may reuse its list.
+        self.headers = tuple(copied)
         # Headers count against the limit too: a record's size is what it holds.
-        self.size = size = sum(map(len, _chain(*copied)))
+        self.size = size
         shared = self.shared
         if status not in shared.statuses or message.get("trailers", False) or size > shared.limit:
             self.drop()
@@ -455,19 +460,17 @@ class IdempotencyMiddleware:
         if scope["type"] != "http" or scope["method"] not in self._methods:
             await self.app(scope, receive, send)
             return
-        # The request's fields as a dict, built in C. Names are taken as given: ASGI servers
+        # One pass over the request's headers. Names are compared as given: ASGI servers
         # hand them over lower-cased (Starlette's own Headers relies on that too).
-        headers = scope["headers"]
-        if type(headers) is not list:
-            headers = scope["headers"] = list(headers)  # an iterable: read it once, keep it
-        fields = dict(headers)
         wanted = self._header
-        raw: bytes | None = fields.get(wanted)
-        if raw is not None and len(fields) < len(headers):
-            # A name repeats, maybe ours: several lines combine with ", " (RFC 9110), which
-            # no key survives.
-            raw = b", ".join([value for name, value in headers if name == wanted])
-        declared: bytes | None = fields.get(b"content-length")
+        raw: bytes | None = None
+        declared: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == wanted:
+                # Several lines combine with ", " (RFC 9110), which no key survives.
+                raw = value if raw is None else raw + b", " + value
+            elif name == b"content-length":
+                declared = value
         if raw is None:
             if self._required:
                 await self._problem(send, 400, "Missing idempotency key", "is required")
