@@ -380,13 +380,16 @@ class IdempotencyMiddleware:
       else the key is released and a retry runs again;
     * with the same key and the same method, path, query and body, gets the stored response
       back, with ``Idempotent-Replayed: true``, and does not run;
-    * while the first is still running: 409, ``Retry-After: 1``;
+    * while the first is still running: 409 with ``Retry-After: 1`` if this middleware runs it
+      (it ends soon), else the seconds left of its lease, rounded up, as the store tells them
+      (another replica's request, or a backend that knows no lease: 1);
     * with the same key and a different request: 422;
     * with a malformed key (not a structured-field string or token of 1..255 characters): 400,
       and so is a missing key when ``required=True``;
     * with a body over ``max_body`` bytes: 413, and the app does not run. A request that asks
       for at-most-once execution is refused rather than quietly run unprotected;
     * when the store's in-flight table is full, or the store fails: 503, ``Retry-After: 1``.
+      Store faults are counted (:attr:`faults`) and logged at most once per 10 s.
 
     Errors are ``application/problem+json``. Requests without the header, other methods, and
     non-HTTP scopes pass through untouched.
