@@ -18,6 +18,7 @@ import importlib
 import importlib.metadata
 import platform
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -234,6 +235,46 @@ class TTLStoreUnsafe(_TTLStore):
     name = "ttlstore(threadsafe=False)"
     tsafe = False
     threadsafe = False
+
+
+class TTLStoreMetrics(TTLStoreSafe):
+    """The thread-safe store registered with ``ttlstore.metrics`` (``compare --metrics``)."""
+
+    name = "ttlstore + metrics"
+    notes = (
+        "the thread-safe store registered with `ttlstore.metrics` on a private prometheus_client "
+        "registry (scraped once, when made): metrics are read at scrape time, so the hot path "
+        "must time as the plain store does",
+    )
+
+    def load(self) -> None:
+        import ttlstore.metrics  # noqa: F401
+
+    def make(self, maxsize: int, ttl: float = TTL, clock: Clock | None = None) -> Any:
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from ttlstore.metrics import register
+
+        store = super().make(maxsize, ttl, clock)
+        registry = CollectorRegistry()
+        register({"bench": store}, registry=registry)
+        if b'ttlstore_store_writes_total{name="bench"}' not in generate_latest(registry):
+            raise RuntimeError("the registered store is missing from the scrape")
+        # The registry (and the collector in it) lives as long as the store, no longer.
+        _REGISTRIES[id(store)] = registry
+        weakref.finalize(store, _REGISTRIES.pop, id(store), None)
+        return store
+
+
+#: Registries of the stores TTLStoreMetrics made, by id(store); each goes with its store.
+_REGISTRIES: dict[int, Any] = {}
+
+
+class TTLStoreControl(TTLStoreSafe):
+    """The plain store again (``compare --metrics``): how far two identical columns differ."""
+
+    name = "ttlstore (A/A control)"
+    notes = ("the plain thread-safe store once more: its change is the run's noise",)
 
 
 # -- cachetools ---------------------------------------------------------------------------------
@@ -479,3 +520,6 @@ ADAPTERS: tuple[Adapter, ...] = (
 
 #: The adapter every ratio is taken against.
 BASELINE = TTLStoreSafe.name
+
+#: Timed beside the baseline with ``--metrics``; not peers, so not in ADAPTERS by default.
+METRICS_ADAPTERS: tuple[Adapter, ...] = (TTLStoreMetrics(), TTLStoreControl())

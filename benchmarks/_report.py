@@ -114,6 +114,7 @@ def markdown(report: Report) -> str:
         "`time.monotonic()` per call, written in the loop itself.",
     ]
     out += _targets_table(report.get("targets") or [])
+    out += _metrics_section(report, cells)
     for workload in report["workloads"]:
         out += ["", f"## {workload['name']}: {workload['title']}", ""]
         out += _workload_table(
@@ -134,7 +135,67 @@ def markdown(report: Report) -> str:
         out += _limiter_section(limiters)
     out += _redis_section(report.get("redis"))
     out += _asgi.markdown(report.get("asgi"))
+    out += _memoize_section(report.get("memoize"))
     return "\n".join(out) + "\n"
+
+
+METRICS_LIBRARY = "ttlstore + metrics"
+CONTROL_LIBRARY = "ttlstore (A/A control)"
+METRICS_PEER = "cachetools.TTLCache"
+
+
+def _metrics_section(
+    report: Report, cells: dict[tuple[str, str, int], dict[str, Any]]
+) -> list[str]:
+    """``--metrics``: each workload's ratio to cachetools with and without metrics registered."""
+    base = report["baseline"]
+    names = {lib["name"] for lib in report["libraries"]}
+    if not {METRICS_LIBRARY, CONTROL_LIBRARY} <= names:
+        return []
+    out = [
+        "",
+        "## Metrics registered (`--metrics`)",
+        "",
+        f"`{base}`, the same store registered with `ttlstore.metrics` (`{METRICS_LIBRARY}`) and "
+        f"the plain store once more (`{CONTROL_LIBRARY}`), each as a ratio to `{METRICS_PEER}` "
+        f"in this run; each change is against `{base}` (target for metrics: within 5 %). The "
+        "control's change is what two identical stores differ by in this run: noise.",
+        "",
+    ]
+    rows = []
+    changes: dict[str, list[float]] = {METRICS_LIBRARY: [], CONTROL_LIBRARY: []}
+    libraries = (base, METRICS_LIBRARY, CONTROL_LIBRARY)
+    for workload in report["workloads"]:
+        for n in report["meta"]["sizes"]:
+            found = [cells.get((workload["name"], lib, n)) for lib in (*libraries, METRICS_PEER)]
+            medians = [c["median"] for c in found if c is not None and c["status"] == "ok"]
+            if len(medians) != len(found):
+                continue
+            plain, metered, control = (median / medians[-1] for median in medians[:-1])
+            changes[METRICS_LIBRARY].append(metered / plain - 1)
+            changes[CONTROL_LIBRARY].append(control / plain - 1)
+            rows.append(
+                [
+                    workload["name"],
+                    _size(n),
+                    f"{plain:.3f}x",
+                    f"{metered:.3f}x",
+                    f"{metered / plain - 1:+.1%}",
+                    f"{control:.3f}x",
+                    f"{control / plain - 1:+.1%}",
+                ]
+            )
+    out += _table(
+        ["workload", "n", base, METRICS_LIBRARY, "change", CONTROL_LIBRARY, "change"],
+        ["---", "---:", "---:", "---:", "---:", "---:", "---:"],
+        rows,
+    )
+    for name, seen in changes.items():
+        if seen:
+            worst = max(seen, key=abs)
+            median = sorted(seen)[len(seen) // 2]
+            out += ["", f"`{name}`: largest change {worst:+.1%}, median {median:+.1%}."]
+    return out
 
 
 def _redis_section(redis: dict[str, Any] | None) -> list[str]:
@@ -149,6 +210,92 @@ def _redis_section(redis: dict[str, Any] | None) -> list[str]:
         f"| {row['case']} | {row['calls_per_second']:,.0f} | {row['us_per_call']:.1f} |"
         for row in redis["rows"]
     ]
+    return out
+
+
+def _calls(count: float) -> str:
+    return f"{count:.0f} call" + ("" if count == 1 else "s")
+
+
+def _memoize_section(section: dict[str, Any] | None) -> list[str]:
+    """The "Memoization" section: decorator hit/miss costs, stampede calls, targets."""
+    if section is None:
+        return []
+    libs = section["libraries"]
+    cells = {(c["workload"], c["library"]): c for c in section["results"]}
+    out = [
+        "",
+        f"## Memoization: decorators (n = {_size(section['n'])})",
+        "",
+        "Each library memoizes `ident(k) -> k` with room for n entries (TTL one hour where it "
+        "takes one). **hit**: `f(k)` / `await f(k)` over n cached keys; **miss**: a new key on "
+        "a full cache (compute, store, evict). Median ns per call over the interleaved repeats "
+        "(min-max in brackets), the timing loop included.",
+        "",
+    ]
+    workloads = section["workloads"]
+    rows = []
+    for lib in libs:
+        status = "" if lib["status"] == "ok" else f" (**missing**: {lib['error']})"
+        row = [f"`{lib['name']}` {lib['version'] or ''}{status}".rstrip()]
+        for workload in workloads:
+            cell = cells.get((workload["name"], lib["name"]))
+            row.append("—" if cell is None or cell["status"] == "skipped" else _cell(cell))
+        rows.append(row)
+    out += _table(
+        ["library", *(w["name"] for w in workloads)],
+        ["---"] + ["---:"] * len(workloads),
+        rows,
+    )
+    stampede = {(r["library"], r["kind"]): r for r in section["stampede"]}
+    threads = next((r["callers"] for r in section["stampede"] if r["kind"] == "threads"), 0)
+    tasks = next((r["callers"] for r in section["stampede"] if r["kind"] == "tasks"), 0)
+    out += [
+        "",
+        f"### Stampede: calls of the body when {threads} threads / {tasks} tasks miss one key "
+        f"at once (the body takes {section['stampede_seconds'] * 1000:.0f} ms)",
+        "",
+    ]
+
+    def calls(row: dict[str, Any] | None) -> str:
+        if row is None or row["status"] == "skipped":
+            return "—"
+        if row["status"] != "ok":
+            return row["status"]
+        return str(row["calls"]) if row["calls"] == 1 else f"**{row['calls']}**"
+
+    out += _table(
+        ["library", f"{threads} threads", f"{tasks} tasks"],
+        ["---", "---:", "---:"],
+        (
+            [
+                f"`{lib['name']}`",
+                calls(stampede.get((lib["name"], "threads"))),
+                calls(stampede.get((lib["name"], "tasks"))),
+            ]
+            for lib in libs
+        ),
+    )
+    targets = section.get("targets") or []
+    if targets:
+        out += ["", "### Targets of issue 10 (ratio = ttlstore's median / the peer's)", ""]
+        out += _table(
+            ["target", "measured", "limit", "met"],
+            ["---", "---:", "---:", "---"],
+            (
+                [
+                    row["target"],
+                    _calls(row["ratio"]) if row["peer"] is None else f"{row['ratio']:.2f}x",
+                    f"{row['limit']:.0f} call" if row["peer"] is None else f"{row['limit']:.2f}x",
+                    "yes" if row["met"] else "**no**",
+                ]
+                for row in targets
+            ),
+        )
+    notes = [(lib["name"], note) for lib in libs for note in lib["notes"]]
+    if notes:
+        out += [""]
+        out += [f"- `{name}`: {note}" for name, note in notes]
     return out
 
 

@@ -1,7 +1,7 @@
 """Compare ttlstore with the stores a user would pick instead, in one process.
 
     python -m benchmarks.compare [--quick | --full] [--sizes N ...] [--repeats R]
-                                 [--out DIR | --refresh]
+                                 [--out DIR | --refresh] [--metrics]
 
 Times get-hit, get-miss, set-update, set-with-eviction, a mixed 80/20 zipf-like workload and bulk
 expiry for every library in :data:`benchmarks._peers.ADAPTERS`, at each size, on the same
@@ -37,13 +37,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from benchmarks import _asgi, _report, _targets
+from benchmarks import _asgi, _memoize, _report, _targets
 from benchmarks._limiters import LIMITER_BASELINE, LIMITERS, LimiterAdapter
 from benchmarks._memory import rss_bytes_per_entry, traced_bytes_per_entry
 from benchmarks._peers import (
     ADAPTERS,
     BASELINE,
     EMPTY_LOOP,
+    METRICS_ADAPTERS,
     VALUE,
     Adapter,
     Library,
@@ -91,6 +92,10 @@ class Config:
     redis_seconds: float = 1.0
     #: Requests per sample of the ASGI middleware section (0: skip it).
     asgi_requests: int = 5_000
+    #: The memoize section (decorators, at the smallest size): its libraries, or () to skip.
+    memoizers: Sequence[_memoize.Memoizer] = _memoize.MEMOIZERS
+    #: Callers of the memoize stampede: (threads, tasks).
+    stampede: tuple[int, int] = (100, 1_000)
 
     @property
     def budget(self) -> Budget:
@@ -435,6 +440,7 @@ def run(config: Config, log: TextIO = sys.stderr) -> dict[str, Any]:
     }
     report["redis"] = _redis_round_trips(config.redis_seconds, log)
     report["asgi"] = _asgi_section(config, log)
+    report["memoize"] = _memoize_section(config, log)
     report["targets"] = _targets.check(report)
     return report
 
@@ -471,6 +477,23 @@ def _asgi_section(config: Config, log: TextIO) -> dict[str, Any] | None:
     section = _asgi.measure(config.asgi_requests, config.repeats, log=log)
     print(f"asgi middlewares: measured ({time.perf_counter() - t0:.1f}s)", file=log, flush=True)
     return section
+
+
+def _memoize_section(config: Config, log: TextIO) -> dict[str, Any] | None:
+    """The memoize section (see ``benchmarks/_memoize.py``), at the smallest size."""
+    if not config.memoizers:
+        return None
+    budget = config.budget
+    settings = _memoize.Settings(
+        n=min(config.sizes),
+        repeats=config.repeats,
+        target_ns=budget.target_ns,
+        min_ops=budget.min_ops,
+        max_ops=budget.max_ops,
+        threads=config.stampede[0],
+        tasks=config.stampede[1],
+    )
+    return _memoize.run(settings, log, config.memoizers)
 
 
 def _presence(library: Library, missing: dict[str, str]) -> dict[str, Any]:
@@ -569,6 +592,11 @@ def _parse(argv: Sequence[str]) -> Config:
         "--no-rss", action="store_true", help="skip the resident-set measurement (child processes)"
     )
     parser.add_argument("--no-plot", action="store_true", help="do not draw latest.png")
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="also time the store registered with ttlstore.metrics, and the plain one again",
+    )
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL if args.full else DEFAULT
     changes: dict[str, Any] = {
@@ -597,6 +625,9 @@ def _parse(argv: Sequence[str]) -> Config:
         if args.asgi_requests < 0:
             parser.error("--asgi-requests must not be negative")
         changes["asgi_requests"] = args.asgi_requests
+    if args.metrics:
+        at = [a.name for a in config.adapters].index(config.baseline) + 1
+        changes["adapters"] = (*config.adapters[:at], *METRICS_ADAPTERS, *config.adapters[at:])
     return replace(config, **changes)
 
 

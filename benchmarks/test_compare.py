@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from benchmarks import _targets, compare
+from benchmarks import _memoize, _targets, compare
 from benchmarks._limiters import LIMITERS, ROOMY, TIGHT, LimiterAdapter, TokenBucketSafe
 from benchmarks._memory import rss_bytes_per_entry
-from benchmarks._peers import ADAPTERS, Adapter, Op
+from benchmarks._peers import ADAPTERS, BASELINE, Adapter, Op
 from benchmarks._workloads import WORKLOADS, KeyData, LimiterWorkload, Stream, Workload
 
 N = 200
@@ -72,6 +72,7 @@ def _tiny(out: Path, adapters: tuple[Adapter, ...]) -> compare.Config:
         adapters=adapters,
         limiters=(*LIMITERS, _MissingLimiter()),
         redis_seconds=0.02,
+        stampede=(8, 30),
         command="test",
     )
 
@@ -227,6 +228,7 @@ def test_a_limiter_that_does_not_answer_as_the_workload_says_is_an_error(
         workloads=workloads,
         memory_n=None,
         limiters=(TokenBucketSafe(), _AlwaysRefuses()),
+        memoizers=(),
     )
     log = io.StringIO()
     report = compare.run(config, log=log)
@@ -239,6 +241,7 @@ def test_a_limiter_that_does_not_answer_as_the_workload_says_is_an_error(
         assert "allowed" in cell["reason"]
     assert "error: ttlstore refusing" in log.getvalue()
     assert report["results"] == [] and report["memory"] is None
+    assert report["memoize"] is None
 
 
 @pytest.mark.parametrize("adapter", _present(LIMITERS), ids=lambda a: a.name)
@@ -300,6 +303,28 @@ def test_cli_runs_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert json.loads((tmp_path / "latest.json").read_text(encoding="utf-8"))["memory"] is None
 
 
+def test_metrics_option_times_the_registered_store_beside_the_plain_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--sizes", "100", "--repeats", "1", "--target-ms", "0.2", "--memory-n", "0"]
+    argv += ["--redis-seconds", "0", "--no-plot", "--out", str(tmp_path), "--metrics"]
+    assert compare.main(argv) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "latest.json").read_text(encoding="utf-8"))
+    names = [lib["name"] for lib in report["libraries"]]
+    assert names[:3] == [BASELINE, "ttlstore + metrics", "ttlstore (A/A control)"]
+    for name in names[1:3]:
+        cells = [c for c in report["results"] if c["library"] == name]
+        assert len(cells) == len(STORE_WORKLOADS)
+        assert all(c["status"] == "ok" for c in cells), cells
+    section = printed.split("## Metrics registered (`--metrics`)", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "%" in line]
+    # One size: one row per workload, when the peer the ratios are taken to is installed.
+    peer = importlib.util.find_spec("cachetools") is not None
+    assert len(rows) == (len(STORE_WORKLOADS) if peer else 0)
+    assert "`ttlstore + metrics`: largest change" in section or not peer
+
+
 def test_quick_and_full_are_exclusive() -> None:
     with pytest.raises(SystemExit):
         compare.main(["--quick", "--full"])
@@ -338,3 +363,69 @@ def test_targets_report_worst_ratio() -> None:
     assert row["workload"] == "get-miss"
     assert row["ratio"] == pytest.approx(0.4)
     assert row["met"] is False
+
+
+def test_memoize_section_is_reported(tiny_report: tuple[dict[str, Any], Path]) -> None:
+    _, out = tiny_report
+    section = json.loads((out / "latest.json").read_text(encoding="utf-8"))["memoize"]
+    names = [m.name for m in _memoize.MEMOIZERS]
+    assert [lib["name"] for lib in section["libraries"]] == names
+    assert section["n"] == N
+    cells = {(c["workload"], c["library"]): c for c in section["results"]}
+    present = {lib["name"] for lib in section["libraries"] if lib["status"] == "ok"}
+    assert {"ttlstore.cached", "functools.lru_cache"} <= present
+    for memoizer in _memoize.MEMOIZERS:
+        for workload, _, is_async in _memoize.WORKLOADS:
+            cell = cells[(workload, memoizer.name)]
+            if memoizer.name not in present:
+                assert cell["status"] == "missing"
+            elif memoizer.async_ if is_async else memoizer.sync:
+                assert cell["status"] == "ok", cell
+                assert cell["min"] <= cell["median"] <= cell["max"]
+            else:
+                assert cell["status"] == "skipped"
+    stampede = {(r["library"], r["kind"]): r for r in section["stampede"]}
+    assert stampede[("ttlstore.cached", "threads")]["calls"] == 1
+    assert stampede[("ttlstore.cached", "tasks")]["calls"] == 1
+    assert stampede[("ttlstore.cached", "tasks")]["callers"] == 30
+    assert stampede[("functools.lru_cache", "tasks")]["status"] == "skipped"
+    assert {row["target"] for row in section["targets"]} >= {
+        "sync hit within 5x of functools.lru_cache",
+        "stampede of 8 threads: 1 call",
+        "stampede of 30 tasks: 1 call",
+    }
+    text = (out / "latest.md").read_text(encoding="utf-8")
+    memo = text[text.index("\n## Memoization: decorators (n = 200)\n") :]
+    assert "### Stampede: calls of the body when 8 threads / 30 tasks" in memo
+    assert "### Targets of issue 10" in memo
+    for name in names:
+        assert f"`{name}`" in memo
+
+
+def test_memoize_targets_are_ratios_of_medians() -> None:
+    def cell(workload: str, library: str, median: float) -> dict[str, Any]:
+        return {"workload": workload, "library": library, "status": "ok", "median": median}
+
+    section = {
+        "n": 1_000,
+        "results": [
+            cell("sync-hit", "ttlstore.cached", 200.0),
+            cell("sync-hit", "functools.lru_cache", 50.0),  # 4x: met
+            cell("sync-hit", "cachetools.cached+TTLCache", 500.0),  # 2.5x faster: not met
+        ],
+        "stampede": [
+            {
+                "library": "ttlstore.cached",
+                "kind": "tasks",
+                "callers": 10,
+                "calls": 2,
+                "status": "ok",
+            },
+        ],
+    }
+    rows = {row["target"]: row for row in _memoize.targets(section)}
+    assert rows["sync hit within 5x of functools.lru_cache"]["met"] is True
+    assert rows["sync hit within 5x of functools.lru_cache"]["ratio"] == pytest.approx(4.0)
+    assert rows["sync hit at least 3x faster than cachetools.cached+TTLCache"]["met"] is False
+    assert rows["stampede of 10 tasks: 1 call"]["met"] is False
+    assert "async hit faster than async_lru" not in rows  # not measured: not reported

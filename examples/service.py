@@ -6,7 +6,11 @@ the seed service's "drop after 2 h idle" rule is replaced by lossless expiry: a 
 expires exactly when it is full again. One :class:`~ttlstore.sweeper.AsyncSweeper` started from
 the lifespan reclaims expired records, abandoned claims and refilled buckets every 60 s, so
 memory is returned even for keys nobody uses again. Every POST and PATCH carrying an
-``Idempotency-Key`` runs at most once per key and API key.
+``Idempotency-Key`` runs at most once per key and API key. The orders themselves (the demo's
+stand-in for a database) are bounded too: the latest ``MAX_ORDERS`` are kept.
+
+``GET /metrics`` serves every store, the limiter and the sweeper to Prometheus (through
+:mod:`ttlstore.metrics`); it is not rate-limited, so a scraper never spends a client's tokens.
 
 Run it from the repository's root with
 ``pip install -e '.[example]' && uvicorn examples.service:app``, then::
@@ -24,11 +28,16 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, HTTPException
+from opentelemetry.metrics import Meter
+from prometheus_client import REGISTRY, CollectorRegistry, make_asgi_app
 from pydantic import BaseModel
-from starlette.types import Scope
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ttlstore import TTLStore
 from ttlstore.asgi import IdempotencyMiddleware, RateLimitMiddleware
 from ttlstore.idempotency import IdempotencyStore
+from ttlstore.metrics import register
 from ttlstore.ratelimit import TokenBucketLimiter
 from ttlstore.sweeper import AsyncSweeper
 
@@ -38,6 +47,8 @@ RATE = 10  # requests per second per API key, sustained
 BURST = 20  # requests a rested client may send at once
 MAX_BUCKETS = 10_000  # buckets in debt held at once
 SWEEP_INTERVAL = 60.0
+MAX_ORDERS = 10_000  # orders kept (the least recently used go first)
+METRICS_PATH = "/metrics"
 
 
 class OrderIn(BaseModel):
@@ -58,14 +69,35 @@ def api_key_of(scope: Scope) -> str:
     return headers.get(b"x-api-key", b"").decode("latin-1")
 
 
+class _Asgi:
+    """Serves an ASGI app at a route's exact path (a mount would redirect ``/metrics``).
+
+    Starlette calls a route endpoint that is a plain function with a request; any other
+    callable is an ASGI app, as prometheus_client's is meant to be.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
 def create_app(
     store: IdempotencyStore | None = None,
     limiter: TokenBucketLimiter | None = None,
     *,
     sweep_interval: float = SWEEP_INTERVAL,
     tenant: Callable[[Scope], str] = api_key_of,
+    max_orders: int = MAX_ORDERS,
+    registry: CollectorRegistry | None = None,
+    meter: Meter | None = None,
 ) -> FastAPI:
-    """Build the service; tests pass stores on a fake clock and a short sweep interval."""
+    """Build the service; tests pass stores on a fake clock and a short sweep interval.
+
+    ``/metrics`` serves ``registry`` (a registry of its own when ``None``); with a ``meter``
+    the same figures also go to OpenTelemetry.
+    """
     if store is None:
         store = IdempotencyStore(ttl=RECORD_TTL, maxsize=MAX_RECORDS)
     if limiter is None:
@@ -83,13 +115,27 @@ def create_app(
     app.state.limiter = limiter
     app.state.sweeper = sweeper
     app.add_middleware(IdempotencyMiddleware, store=store, tenant=tenant)
-    # Added last, so it runs first: a refused request never claims an idempotency key.
-    app.add_middleware(RateLimitMiddleware, limiter=limiter, key=tenant)
 
-    # The orders are the business data of the demo, not service state: a real service keeps them
-    # in its database. Only the idempotency records and buckets need bounding here.
-    orders: dict[int, Order] = {}
+    def limit_key(scope: Scope) -> str | None:
+        # None lets the request through untouched: scrapes spend no client's tokens.
+        return None if scope["path"] == METRICS_PATH else tenant(scope)
+
+    # Added last, so it runs first: a refused request never claims an idempotency key.
+    app.add_middleware(RateLimitMiddleware, limiter=limiter, key=limit_key)
+
+    # The orders stand in for the business data a real service keeps in its database. Held in
+    # memory, they are bounded like everything else: a plain dict grew by ~600 bytes per order.
+    orders: TTLStore[int, Order] = TTLStore(max_orders)
     ids = itertools.count(1)
+
+    if registry is None:
+        registry = CollectorRegistry()
+    app.state.metrics = register(
+        {"orders": orders, "idempotency": store, "rate_limit": limiter, "sweeper": sweeper},
+        registry=registry,
+        meter=meter,
+    )
+    app.router.routes.append(Route(METRICS_PATH, _Asgi(make_asgi_app(registry)), methods=["GET"]))
 
     @app.post("/orders", status_code=201)
     async def create_order(order: OrderIn) -> Order:
@@ -99,9 +145,10 @@ def create_app(
 
     @app.get("/orders/{order_id}")
     async def read_order(order_id: int) -> Order:
-        if order_id not in orders:
-            raise HTTPException(status_code=404, detail="no such order")
-        return orders[order_id]
+        found = orders.get(order_id)
+        if found is None:
+            raise HTTPException(status_code=404, detail="no such order (or no longer kept)")
+        return found
 
     @app.get("/orders")
     async def count_orders() -> dict[str, int]:
@@ -110,4 +157,5 @@ def create_app(
     return app
 
 
-app = create_app()
+# The module's app serves prometheus_client's global registry: process metrics included.
+app = create_app(registry=REGISTRY)

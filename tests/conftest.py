@@ -1,9 +1,11 @@
 """Shared fixtures: a fake clock (no test sleeps for correctness) and real redis-servers.
 
 ``redis_server`` (session scope) is one server shared by every test that asks for it;
-``fresh_redis_server`` starts a private one per test, for tests that stop or pause it. Without
-the ``redis-server`` binary (or redis-py) those tests skip with the reason; with ``CI=true`` in
-the environment they fail instead, so CI cannot pass by skipping.
+``fresh_redis_server`` starts a private one per test, for tests that stop or pause it.
+``redis_cluster`` (session scope) is one Redis Cluster of three masters with a replica each,
+started once (about 3 s); a test that kills a node restarts it before it ends. Without the
+``redis-server`` or ``redis-cli`` binary (or redis-py) those tests skip with the reason; with
+``CI=true`` in the environment they fail instead, so CI cannot pass by skipping.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ttlstore.testing import FakeClock, RedisServer, RedisServerError
+from ttlstore.testing import FakeClock, RedisCluster, RedisServer, RedisServerError
 
 
 @pytest.fixture
@@ -28,33 +30,49 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _new_server() -> RedisServer:
+def _need_redis_py() -> None:
     try:
         import redis  # noqa: F401
     except ImportError:
         _unavailable("redis-py is not installed (pip install 'ttlstore[redis]')")
+
+
+def _serving() -> Iterator[RedisServer]:
+    """A started server, closed when the fixture ends."""
+    _need_redis_py()
     try:
-        return RedisServer().start()
+        server = RedisServer().start()
     except RedisServerError as error:
         _unavailable(str(error))
         raise
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """The suite's shared server; each test uses fresh keys or flushes what it needs."""
-    server = _new_server()
-    try:
-        yield server
-    finally:
-        server.close()
+    yield from _serving()
 
 
 @pytest.fixture
 def fresh_redis_server() -> Iterator[RedisServer]:
     """A private server for one test, which may stop or pause it."""
-    server = _new_server()
+    yield from _serving()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """The suite's shared Redis Cluster: 3 masters with one replica each, node timeout 2 s."""
+    _need_redis_py()
     try:
-        yield server
+        cluster = RedisCluster().start()
+    except RedisServerError as error:
+        _unavailable(str(error))
+        raise
+    try:
+        yield cluster
     finally:
-        server.close()
+        cluster.close()

@@ -1,9 +1,11 @@
-"""The adapter contract, run against every backend: in-memory, Redis (sync) and Redis (asyncio).
+"""The adapter contract, run against every backend: in-memory, and Redis (sync and asyncio) on a
+standalone server and on a Redis Cluster of three masters with a replica each.
 
 Each test gets a backend through a harness that hands out *replicas*: handles that share state
 the way two processes of one service would (the same in-memory object; two Redis clients on
-one server and prefix). The tests are written once, as coroutines; a sync backend's calls are
-made inline. Refill is kept negligible with slow rates, so real clocks do not change a count.
+one server or Cluster and prefix). The tests are written once, as coroutines; a sync backend's
+calls are made inline. Refill is kept negligible with slow rates, so real clocks do not change
+a count.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from typing import Any
 
 import pytest
 
-# The shared server's session fixture, which the `backend` fixture requests for Redis.
 from ttlstore.idempotency import (
     IdempotencyStore,
     InProgress,
@@ -30,7 +31,7 @@ from ttlstore.idempotency import (
 from ttlstore.ratelimit import Decision, Limit, TokenBucketLimiter
 
 SLOW = Fraction(1, 1000)  # one token per 1000 s: no refill during a test
-BACKENDS = ["memory", "redis", "redis-async"]
+BACKENDS = ["memory", "redis", "redis-async", "cluster", "cluster-async"]
 
 
 async def _settle(result: Any) -> Any:
@@ -111,20 +112,31 @@ class Backend:
         self.admin: Any = None
         if url is not None:
             import redis
+            import redis.cluster
 
-            self.admin = redis.Redis.from_url(url, socket_timeout=5)
+            admin = redis.cluster.RedisCluster if kind.startswith("cluster") else redis.Redis
+            self.admin = admin.from_url(url, socket_timeout=5)
             self._closers.append(self.admin.close)
 
     def _client(self) -> Any:
         import redis
         import redis.asyncio
+        import redis.asyncio.cluster
+        import redis.cluster
 
         assert self.url is not None
-        if self.kind == "redis-async":
-            client: Any = redis.asyncio.Redis.from_url(self.url, socket_timeout=5)
+        client: Any
+        if self.kind.endswith("-async"):
+            factory: Any = (
+                redis.asyncio.cluster.RedisCluster
+                if self.kind.startswith("cluster")
+                else redis.asyncio.Redis
+            )
+            client = factory.from_url(self.url, socket_timeout=5)
             self._closers.append(client.aclose)
         else:
-            client = redis.Redis.from_url(self.url, socket_timeout=5)
+            factory = redis.cluster.RedisCluster if self.kind == "cluster" else redis.Redis
+            client = factory.from_url(self.url, socket_timeout=5)
             self._closers.append(client.close)
         return client
 
@@ -161,9 +173,8 @@ class Backend:
             return handle, handle
         from ttlstore.redis import AsyncRedisTokenBucketLimiter, RedisTokenBucketLimiter
 
-        cls: Any = (
-            AsyncRedisTokenBucketLimiter if self.kind == "redis-async" else RedisTokenBucketLimiter
-        )
+        asynchronous = self.kind.endswith("-async")
+        cls: Any = AsyncRedisTokenBucketLimiter if asynchronous else RedisTokenBucketLimiter
 
         def redis_ttl(key: str) -> float | None:
             return self._pttl(f"{self.prefix}:{{{key}}}:bucket")
@@ -211,7 +222,7 @@ class Backend:
         from ttlstore.redis import AsyncRedisIdempotencyStore, RedisIdempotencyStore
 
         cls: Any = (
-            AsyncRedisIdempotencyStore if self.kind == "redis-async" else RedisIdempotencyStore
+            AsyncRedisIdempotencyStore if self.kind.endswith("-async") else RedisIdempotencyStore
         )
 
         def redis_ttl(key: str) -> float | None:
@@ -251,8 +262,10 @@ class Backend:
 @pytest.fixture(params=BACKENDS)
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     url = None
-    if request.param != "memory":
+    if request.param.startswith("redis"):
         url = request.getfixturevalue("redis_server").url
+    elif request.param.startswith("cluster"):
+        url = request.getfixturevalue("redis_cluster").url
     harness = Backend(request.param, url)
     try:
         yield harness

@@ -2,23 +2,33 @@
 
 httpx.ASGITransport does not run the lifespan (and asgi-lifespan is not a dependency), so
 ``served`` sends the lifespan events through the whole ASGI stack, middleware included, as a
-server does, then serves requests through httpx.ASGITransport on the same loop.
+server does, then serves requests through httpx.ASGITransport on the same loop. The metrics
+test runs the app under a real uvicorn server on loopback instead and scrapes it over HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import gc
+import threading
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from fastapi import FastAPI
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint, Sum
+from prometheus_client.parser import text_string_to_metric_families
 
 from examples.service import (
     BURST,
     MAX_BUCKETS,
+    MAX_ORDERS,
     MAX_RECORDS,
     RATE,
     RECORD_TTL,
@@ -29,7 +39,7 @@ from examples.service import app as default_app
 from ttlstore.asgi import Message
 from ttlstore.idempotency import IdempotencyStore
 from ttlstore.ratelimit import TokenBucketLimiter
-from ttlstore.testing import FakeClock
+from ttlstore.testing import FakeClock, free_port
 
 ORDER = {"item": "book", "quantity": 2}
 
@@ -78,6 +88,8 @@ def test_the_default_app_has_the_seed_setup() -> None:
     sweeper = default_app.state.sweeper
     assert sweeper.interval == SWEEP_INTERVAL == 60
     assert all(served in sweeper for served in (*store.stores, *limiter.stores))
+    assert default_app.state.metrics.names == ("orders", "idempotency", "rate_limit", "sweeper")
+    assert MAX_ORDERS == 10_000
 
 
 async def test_the_lifespan_runs_the_sweeper(store: IdempotencyStore) -> None:
@@ -193,3 +205,201 @@ async def test_rate_limit_per_api_key_runs_before_idempotency(
         await asyncio.wait_for(reclaimed(), 5)
         assert repr(buckets).startswith("<TTLStore stored=0")
         assert sweeper.stats().errors == 0
+
+
+# ---------------------------------------------------------------------- bounded orders
+
+
+async def test_orders_are_bounded_and_the_oldest_go_first(store: IdempotencyStore) -> None:
+    async with served(create_app(store, max_orders=3)) as client:
+        for _ in range(5):
+            await client.post("/orders", json=ORDER, headers=headers(None))
+        assert (await client.get("/orders")).json() == {"count": 3}
+        assert (await client.get("/orders/2")).status_code == 404  # dropped to keep the bound
+        assert (await client.get("/orders/5")).json() == {"id": 5, **ORDER}
+
+
+async def test_memory_stays_flat_under_a_flood_of_new_orders(clock: FakeClock) -> None:
+    """Issue 15's 100 000-request flood, scaled down: every store fills, then memory is flat.
+
+    The stores are made small (50 orders, 50 records, 16 clients) so that the warm-up fills
+    them all, and tracing starts before it so that one-time allocations (lazy imports, caches)
+    land there. The 800 requests with fresh keys after it may then grow the traced memory by
+    less than 100 KiB: measured ~12 KiB, flat from 300 to 3 000 requests, against ~570 KiB
+    with the orders in a plain dict, as the example had them.
+    """
+    store = IdempotencyStore(ttl=RECORD_TTL, maxsize=50, clock=clock)
+    limiter = TokenBucketLimiter(1_000_000, 1_000_000, clock=clock)  # lets the flood through
+    app = create_app(store, limiter, max_orders=50)
+
+    async def flood(client: httpx.AsyncClient, start: int, count: int) -> None:
+        for i in range(start, start + count):
+            response = await client.post(
+                "/orders", json=ORDER, headers=headers(f"flood-{i}", f"client-{i % 16}")
+            )
+            assert response.status_code == 201
+
+    async with served(app) as client:
+        tracemalloc.start()
+        try:
+            await flood(client, 0, 200)
+            gc.collect()
+            before = tracemalloc.get_traced_memory()[0]
+            await flood(client, 200, 800)
+            gc.collect()
+            growth = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert (await client.get("/orders")).json() == {"count": 50}
+    assert store.stats().records == 50
+    assert growth < 100 * 1024, f"memory grew by {growth} bytes over 800 requests"
+
+
+# ---------------------------------------------------------------------- /metrics over HTTP
+
+
+@contextmanager
+def uvicorn_serving(app: FastAPI) -> Iterator[tuple[str, asyncio.AbstractEventLoop]]:
+    """Run ``app`` under uvicorn on a free loopback port, on a thread; yield its URL and loop."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert thread.is_alive(), "uvicorn ended before it started"
+            assert time.monotonic() < deadline, "uvicorn did not start within 10 s"
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{port}", loop
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        loop.close()
+
+
+Figures = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse_scrape(text: str) -> Figures:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def read_otel(reader: InMemoryMetricReader) -> Figures:
+    """OpenTelemetry data points under the names Prometheus gives them."""
+    figures: Figures = {}
+    data = reader.get_metrics_data()
+    assert data is not None
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                name = metric.name.replace(".", "_") + ("_seconds" if metric.unit == "s" else "")
+                if isinstance(metric.data, Sum) and metric.data.is_monotonic:
+                    name += "_total"
+                for point in metric.data.data_points:
+                    assert isinstance(point, NumberDataPoint)
+                    labels = frozenset((k, str(v)) for k, v in (point.attributes or {}).items())
+                    figures[name, labels] = float(point.value)
+    return figures
+
+
+def test_metrics_scraped_over_http_are_the_figures_of_the_workload(
+    store: IdempotencyStore, limiter: TokenBucketLimiter, clock: FakeClock
+) -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    app = create_app(
+        store, limiter, max_orders=10, sweep_interval=3600, meter=provider.get_meter("example")
+    )
+    sweeper = app.state.sweeper
+    with uvicorn_serving(app) as (url, loop), httpx.Client(base_url=url) as client:
+        deadline = time.monotonic() + 10
+        while sweeper.stats().ticks < 1:  # the lifespan's first tick (nothing due yet)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+        def post(key: str | None, api_key: str, body: dict[str, Any] = ORDER) -> int:
+            return client.post("/orders", json=body, headers=headers(key, api_key)).status_code
+
+        # client-1 sends 25 orders at once: a burst of 20 passes, 5 are refused.
+        statuses = [post(f"k{i}", "client-1") for i in range(25)]
+        assert statuses == [201] * BURST + [429] * 5
+        # client-2: one order, two replays of it, then the key reused for another payload.
+        assert [post("dup", "client-2") for _ in range(3)] == [201, 201, 201]
+        assert post("dup", "client-2", {"item": "pen"}) == 422
+        # client-3: two orders without a key, then reads of the newest and of an evicted one.
+        assert [post(None, "client-3") for _ in range(2)] == [201, 201]
+        assert client.get("/orders/23", headers=headers(None, "client-3")).status_code == 200
+        assert client.get("/orders/1", headers=headers(None, "client-3")).status_code == 404
+        # client-4: a malformed key, refused before any claim.
+        assert post('""', "client-4") == 400
+        # An hour later every record and every bucket is due; one sweep reclaims them all.
+        clock.advance(RECORD_TTL)
+        reclaimed = asyncio.run_coroutine_threadsafe(sweeper.sweep(), loop).result(10)
+        assert reclaimed == 21 + 4  # records (k0..k19, dup) + buckets of 4 clients
+
+        response = client.get("/metrics")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")
+        assert "ratelimit" not in response.headers  # scrapes are not rate-limited
+        scraped = parse_scrape(response.text)
+        observed = read_otel(reader)
+    provider.shutdown()
+
+    def value(name: str, owner: str, **labels: str) -> float:
+        return scraped[name, frozenset({("name", owner), *labels.items()})]
+
+    expected = {
+        # orders: 23 created (20 + 1 + 2), 10 kept, so 13 evicted; one hit, one miss.
+        ("ttlstore_store_writes_total", "orders", ()): 23,
+        ("ttlstore_store_hits_total", "orders", ()): 1,
+        ("ttlstore_store_misses_total", "orders", ()): 1,
+        ("ttlstore_store_removals_total", "orders", (("cause", "evicted"),)): 13,
+        ("ttlstore_store_removals_total", "orders", (("cause", "expired"),)): 0,
+        ("ttlstore_store_removals_total", "orders", (("cause", "deleted"),)): 0,
+        ("ttlstore_store_removals_total", "orders", (("cause", "replaced"),)): 0,
+        ("ttlstore_store_entries", "orders", ()): 10,
+        ("ttlstore_store_entries_limit", "orders", ()): 10,
+        # rate limit: 20 + 4 + 4 + 1 requests allowed, 5 refused, nothing evicted.
+        ("ttlstore_limiter_requests_total", "rate_limit", (("outcome", "allowed"),)): 29,
+        ("ttlstore_limiter_requests_total", "rate_limit", (("outcome", "denied"),)): 5,
+        ("ttlstore_limiter_fail_open_evictions_total", "rate_limit", ()): 0,
+        ("ttlstore_limiter_buckets", "rate_limit", ()): 0,
+        ("ttlstore_limiter_buckets_limit", "rate_limit", ()): MAX_BUCKETS,
+        # idempotency: 21 keys run, 2 replays, 1 mismatch; all completed; all expired since.
+        ("ttlstore_idempotency_requests_total", "idempotency", (("outcome", "started"),)): 21,
+        ("ttlstore_idempotency_requests_total", "idempotency", (("outcome", "replayed"),)): 2,
+        ("ttlstore_idempotency_requests_total", "idempotency", (("outcome", "mismatch"),)): 1,
+        ("ttlstore_idempotency_requests_total", "idempotency", (("outcome", "in_progress"),)): 0,
+        ("ttlstore_idempotency_requests_total", "idempotency", (("outcome", "busy"),)): 0,
+        ("ttlstore_idempotency_claims_ended_total", "idempotency", (("cause", "completed"),)): 21,
+        ("ttlstore_idempotency_claims_ended_total", "idempotency", (("cause", "released"),)): 0,
+        (
+            "ttlstore_idempotency_claims_ended_total",
+            "idempotency",
+            (("cause", "lease_expired"),),
+        ): 0,
+        ("ttlstore_idempotency_stale_tokens_total", "idempotency", ()): 0,
+        ("ttlstore_idempotency_records_evicted_total", "idempotency", ()): 0,
+        ("ttlstore_idempotency_records", "idempotency", ()): 0,
+        ("ttlstore_idempotency_records_limit", "idempotency", ()): MAX_RECORDS,
+        ("ttlstore_idempotency_claims", "idempotency", ()): 0,
+        # sweeper: the lifespan's first tick and ours.
+        ("ttlstore_sweeper_ticks_total", "sweeper", ()): 2,
+        ("ttlstore_sweeper_reclaimed_total", "sweeper", ()): 25,
+        ("ttlstore_sweeper_errors_total", "sweeper", ()): 0,
+    }
+    for (name, owner, labels), figure in expected.items():
+        assert value(name, owner, **dict(labels)) == figure, (name, owner, labels)
+    counters = {key for key in scraped if key[0].endswith("_total")}
+    assert counters <= {(n, frozenset({("name", o), *ls})) for n, o, ls in expected}, (
+        "a counter the workload does not account for"
+    )
+    # OpenTelemetry, read through its in-memory reader, has the same figures.
+    assert observed == scraped

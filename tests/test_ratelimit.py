@@ -279,28 +279,28 @@ class _SpyLock:
         self._inner.release()
 
 
-def test_reset_racing_an_acquire_is_not_lost(
-    ns_clock: NsClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_reset_racing_an_acquire_is_not_lost(ns_clock: NsClock) -> None:
     """A deterministic interleaving: an acquire is paused after it read the bucket and before
     it wrote it back; a reset from another thread in that gap must wait for the write, or the
     write would bring the forgotten debt back."""
-    limiter = TokenBucketLimiter(1, 5, clock=ns_clock)
-    limiter.acquire("k")  # in debt: the store holds the bucket
-    (store,) = limiter.stores
-    store_type = type(store)
-    real_set = store_type._set
     paused, resume, progressed = threading.Event(), threading.Event(), threading.Event()
+    pause_once = [False]
+    acquirer: threading.Thread | None = None
 
-    def set_pausing_the_acquirer(self: object, *args: object) -> bool:
-        if threading.current_thread() is acquirer:
+    def clock_pausing_the_acquirer() -> float:
+        # The acquire reads the clock only after the store looked the bucket up, with the
+        # store's lock held: pausing here is pausing between its read and its write.
+        if threading.current_thread() is acquirer and not pause_once[0]:
+            pause_once[0] = True
             paused.set()
             assert resume.wait(10)
-        return real_set(self, *args)  # type: ignore[arg-type]
+        return ns_clock()
 
-    monkeypatch.setattr(store_type, "_set", set_pausing_the_acquirer)
+    limiter = TokenBucketLimiter(1, 5, clock=clock_pausing_the_acquirer)
+    limiter.acquire("k")  # in debt: the store holds the bucket
+    (store,) = limiter.stores
     # The limiter decides under the store's own lock: spy on that one.
-    store._lock = _SpyLock(progressed.set)  # type: ignore[assignment]
+    store._lock = _SpyLock(progressed.set)
 
     def reset() -> None:
         limiter.reset("k")

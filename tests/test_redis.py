@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests._support import CountingApp
+from ttlstore._gcra import decide, full_at
 from ttlstore.asgi import IdempotencyMiddleware, RateLimitMiddleware
 from ttlstore.idempotency import InProgress, Replay, Started, idempotent
 from ttlstore.ratelimit import Limit, RateLimited
@@ -241,7 +242,7 @@ def test_the_script_decides_and_stores_exactly_what_the_in_memory_arithmetic_doe
         for i, rate in enumerate(rates)
     ]
     limiter = RedisTokenBucketLimiter(module_client, limits=limits, prefix=prefix())
-    model, buckets = limiter._model, limiter._model._buckets
+    buckets = limiter._buckets
     cost = data.draw(st.integers(1, min(limit.capacity for limit in limits)), label="cost")
     seconds, micros = module_client.time()
     approx_now = seconds * NS + micros * 1000
@@ -271,12 +272,12 @@ def test_the_script_decides_and_stores_exactly_what_the_in_memory_arithmetic_doe
         0 if field not in planted else _units(planted[field], bucket.scale)
         for field, bucket in zip(limiter._fields, buckets, strict=True)
     )
-    expected, new_state = model._decide(state, now, cost, take)
+    expected, new_state = decide(buckets, state, now, cost, take)
     assert decision == expected
     stored = {k.decode(): v.decode() for k, v in stored_raw.items()}
     if take and new_state is not None:
         # Expires at the first whole millisecond at which every bucket is full.
-        full_ms = -(-model._full_at(new_state, now) // 10**6)
+        full_ms = -(-full_at(buckets, new_state, now) // 10**6)
         if not stored:
             assert read_s * 1000 + read_us // 1000 >= full_ms
             return
@@ -732,8 +733,8 @@ async def test_the_middleware_answers_503_when_redis_hangs(
             assert response.json()["title"] == "Idempotency store unavailable"
             assert app.calls == 1  # the request did not run unprotected
             fresh_redis_server.resume()
-            # The timed-out begin reached Redis and runs now: "b" is claimed by nobody who
-            # knows its token until its lease ends. Other keys work again at once.
+            # The timed-out begin reached Redis and runs now; the store releases its claim on
+            # "b" in the background (tests/test_redis_release.py). Other keys work at once.
             recovered = await http.post("/", headers={"Idempotency-Key": "c"})
             assert recovered.status_code == 201 and app.calls == 2
     finally:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 import math
 import random
+import subprocess
+import sys
 import threading
 import tracemalloc
+import warnings
+from collections.abc import Generator
 from typing import Any
 
 import pytest
 
-from ttlstore import RemovalCause, StoreStats, TTLStore
+from ttlstore import RemovalCause, Slot, StoreStats, TTLStore
 from ttlstore.testing import FakeClock
 
 Events = list[tuple[Any, Any, RemovalCause]]
@@ -463,6 +468,171 @@ def test_subclassing_is_refused_with_a_clear_error() -> None:
             pass
 
 
+# ------------------------------------------------------------------------ first contact
+
+
+def test_signature_and_help_show_the_documented_parameters() -> None:
+    signature = inspect.signature(TTLStore)
+    assert list(signature.parameters) == [
+        "maxsize",
+        "ttl",
+        "sliding",
+        "maxweight",
+        "weigher",
+        "clock",
+        "on_remove",
+        "threadsafe",
+    ]
+    assert signature.parameters["threadsafe"].default is True
+    assert signature.parameters["sliding"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+@pytest.mark.parametrize("threadsafe", [True, False])
+def test_both_variants_are_ttlstores_usable_in_annotations(threadsafe: bool) -> None:
+    store: TTLStore[str, int] = TTLStore(10, threadsafe=threadsafe)
+    assert type(store) is TTLStore and isinstance(store, TTLStore)
+    assert store.threadsafe is threadsafe
+    assert TTLStore[str, int] is not None
+
+
+def test_sliding_without_a_ttl_is_refused_naming_both() -> None:
+    with pytest.raises(ValueError, match=r"sliding=True .*ttl"):
+        TTLStore(10, sliding=True)
+    assert TTLStore(10, 5, sliding=True).default_ttl == 5
+
+
+def test_importing_ttlstore_does_not_import_asyncio() -> None:
+    code = "import sys, ttlstore; print('asyncio' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------ compute
+
+
+def _bump(slot: Slot[str, int]) -> int:
+    new = slot.value + 1 if slot.found else 1
+    slot.set(new)
+    return new
+
+
+def test_compute_reads_decides_and_writes_counting_a_read_and_a_write(
+    clock: FakeClock, threadsafe: bool
+) -> None:
+    events, listener = recorder()
+    store = make(clock, threadsafe, on_remove=listener)
+    assert store.compute("n", _bump) == 1
+    assert store.compute("n", _bump) == 2
+    assert store["n"] == 2 and store.ttl("n") == 10
+    stats = store.stats()
+    assert (stats.hits, stats.misses, stats.writes, stats.replacements) == (2, 1, 2, 1)
+    assert events == [("n", 1, RemovalCause.REPLACED)]
+
+
+def test_compute_that_writes_nothing_is_a_read_only(clock: FakeClock) -> None:
+    store = make(clock, maxsize=2)
+    store.update(a=1, b=2)
+    assert store.compute("a", lambda slot: slot.get()) == 1  # a read: "a" is recent now
+    assert store.compute("zz", lambda slot: slot.get(-1)) == -1
+    store["c"] = 3
+    assert list(store) == ["a", "c"]
+    assert (store.stats().hits, store.stats().misses, store.stats().writes) == (1, 1, 3)
+
+
+def test_compute_remove_and_per_call_ttl_and_deadline(clock: FakeClock) -> None:
+    events, listener = recorder()
+    store = make(clock, on_remove=listener)
+    store["gone"] = 1
+    store.compute("gone", lambda slot: slot.remove())
+    store.compute("absent", lambda slot: slot.remove())  # nothing to remove: nothing happens
+    assert "gone" not in store and events == [("gone", 1, RemovalCause.DELETED)]
+    store.compute("own", lambda slot: slot.set(1, ttl=3))
+    store.compute("forever", lambda slot: slot.set(1, ttl=None))
+    store.compute("at", lambda slot: slot.set(1, deadline=slot.now + 7.5))
+    assert (store.ttl("own"), store.ttl("forever"), store.ttl("at")) == (3, None, 7.5)
+    clock.advance(7.5)
+    assert "at" not in store and "forever" in store
+    store.compute("forever", lambda slot: slot.set(2, deadline=slot.now))  # already passed
+    assert "forever" not in store
+    assert events[-1] == ("forever", 1, RemovalCause.EXPIRED)
+
+
+def test_compute_fn_that_raises_changes_and_counts_nothing(clock: FakeClock) -> None:
+    events, listener = recorder()
+    store = make(clock, on_remove=listener)
+    store["k"] = 1
+    before = store.stats()
+
+    def broken(slot: Slot[str, int]) -> None:
+        slot.set(2)
+        raise RuntimeError("decided badly")
+
+    with pytest.raises(RuntimeError, match="decided badly"):
+        store.compute("k", broken)
+    with pytest.raises(ValueError, match=r"ttl .*-1"):
+        store.compute("k", lambda slot: slot.set(3, ttl=-1))
+    with pytest.raises(ValueError, match=r"deadline .*nan"):
+        store.compute("k", lambda slot: slot.set(3, deadline=math.nan))
+    with pytest.raises(TypeError, match="ttl or deadline"):
+        store.compute("k", lambda slot: slot.set(3, ttl=1, deadline=2.0))
+    assert store.stats() == before and store["k"] == 1 and events == []
+
+
+def test_compute_slot_is_dead_after_the_call_and_holds_no_value(clock: FakeClock) -> None:
+    store = make(clock)
+    store["k"] = "held"
+    kept = store.compute("k", lambda slot: slot)
+    with pytest.raises(RuntimeError, match="only valid inside the compute"):
+        kept.set(1)
+    with pytest.raises(RuntimeError, match="only valid inside the compute"):
+        kept.remove()
+    assert store["k"] == "held"
+    assert kept.value is None and not kept.found  # no reference kept to the value
+
+
+def test_compute_nested_in_a_compute_of_the_same_unlocked_store(clock: FakeClock) -> None:
+    store = make(clock, threadsafe=False)
+
+    def write_two(inner: Slot[str, int]) -> str:
+        inner.set(2)
+        return inner.key
+
+    def outer(slot: Slot[str, int]) -> int:
+        inner = store.compute("inner", write_two)
+        assert inner == "inner" and slot.key == "outer"  # the outer slot is untouched
+        slot.set(1)
+        return 1
+
+    assert store.compute("outer", outer) == 1
+    assert dict(store.items()) == {"inner": 2, "outer": 1}
+
+
+def test_compute_holds_the_lock_once_and_calls_back_after_release(clock: FakeClock) -> None:
+    store: TTLStore[str, int]
+    seen: list[int | None] = []
+    store = make(clock, maxsize=1, on_remove=lambda k, v, c: seen.append(store.peek("new")))
+    store["old"] = 1
+    lock = _CountingLock(store)
+    store._lock = lock
+    store.compute("new", lambda slot: slot.set(5))  # evicts "old"
+    # The compute, then the callback queue's swap, then the callback's own peek.
+    assert len(lock.reclaimed_per_hold) == 3
+    assert seen == [5]  # the callback ran after release: it could read the store
+
+
+def test_compute_on_a_full_store_reclaims_a_due_entry_before_evicting(clock: FakeClock) -> None:
+    events, listener = recorder()
+    store = make(clock, maxsize=2, on_remove=listener)
+    store.set("due", 1, ttl=1)
+    store["live"] = 2
+    clock.advance(1)
+    store.compute("new", lambda slot: slot.set(3))
+    assert events == [("due", 1, RemovalCause.EXPIRED)]
+    assert dict(store.items()) == {"live": 2, "new": 3}
+
+
 # ------------------------------------------------------------------------ get_or_set
 
 
@@ -539,6 +709,36 @@ def test_get_or_set_factory_asking_for_its_own_key_fails_fast(threadsafe: bool) 
 # ------------------------------------------------------------------------ threads and memory
 
 
+async def _answer() -> int:
+    return 42
+
+
+class _Pending:
+    """An awaitable that is not a coroutine."""
+
+    def __await__(self) -> Generator[Any, None, int]:
+        yield
+        return 1
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [_answer, lambda: _answer(), lambda: _Pending()],
+    ids=["async-def", "lambda", "awaitable"],
+)
+def test_get_or_set_refuses_an_async_factory_and_stores_nothing(
+    threadsafe: bool, factory: Any
+) -> None:
+    store: TTLStore[str, Any] = TTLStore(10, threadsafe=threadsafe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a coroutine never awaited would warn when collected
+        with pytest.raises(TypeError, match=r"ttlstore\.memo\.aget_or_set"):
+            store.get_or_set("k", factory)
+        gc.collect()
+    assert "k" not in store and not store._flights
+    assert store.get_or_set("k", lambda: 1) == 1  # the key is not stuck
+
+
 def test_four_threads_hammering_one_store_keep_every_bound() -> None:
     events, listener = recorder()
     store: TTLStore[int, int] = TTLStore(
@@ -575,9 +775,9 @@ def test_four_threads_hammering_one_store_keep_every_bound() -> None:
     for thread in threads:
         thread.join()
     assert errors == []
-    stats = store.stats()
-    assert stats.size == len(store) <= 64
-    assert stats.weight == sum(v % 5 for v in store.values()) <= 100
+    stats = store.stats()  # reclaims nothing: what is stored stays put while we look
+    assert stats.size <= len(store._data) <= 64
+    assert stats.weight == sum(e.value % 5 for e in store._data.values()) <= 100
     assert len(store._index) <= 2 * len(store._data) + 32
     assert not store._flights
     removed = stats.expirations + stats.evictions + stats.deletions + stats.replacements
@@ -642,18 +842,58 @@ class _CountingLock:
         self._inner.release()
 
 
-@pytest.mark.parametrize("operation", [len, list, TTLStore.stats, lambda s: list(s.items())])
-def test_large_backlog_is_reclaimed_in_slices_by_len_iter_and_stats(
+@pytest.mark.parametrize("operation", [len, list, lambda s: list(s.items())])
+def test_large_backlog_is_reclaimed_in_slices_by_len_and_iteration(
     clock: FakeClock, operation: Any
 ) -> None:
     store = make(clock, maxsize=10_000, ttl=1)
     store.update((i, i) for i in range(5000))
     clock.advance(1)
     lock = _CountingLock(store)
-    store._lock = lock  # type: ignore[assignment]
+    store._lock = lock
     operation(store)
     assert sum(lock.reclaimed_per_hold) == 5000
     assert max(lock.reclaimed_per_hold) <= 1024
+
+
+@pytest.mark.parametrize("observe", [TTLStore.stats, TTLStore.live_count])
+def test_stats_and_live_count_reclaim_nothing_and_hold_the_lock_once(
+    clock: FakeClock, observe: Any
+) -> None:
+    events, listener = recorder()
+    store = make(clock, maxsize=10_000, ttl=1, on_remove=listener)
+    store.update((i, i) for i in range(5000))
+    store.set("long", 0, ttl=100)
+    store.set("short", 0, ttl=0.5)
+    clock.advance(1)
+    lock = _CountingLock(store)
+    store._lock = lock
+    observe(store)
+    assert lock.reclaimed_per_hold == [0]
+    assert events == []
+    assert store.live_count() == store.stats().size == 1
+    assert repr(store).startswith("<TTLStore stored=5002 ")
+    assert len(store) == 1  # len() does reclaim
+    assert store.stats().expirations == 5001 and len(events) == 5001
+
+
+def test_live_count_equals_len_at_every_instant_without_reclaiming(clock: FakeClock) -> None:
+    store = make(clock, maxsize=200, ttl=5, sliding=True)
+    rng = random.Random(3)
+    for step in range(400):
+        key = rng.randrange(60)
+        op = rng.random()
+        if op < 0.5:
+            store.set(key, step, ttl=rng.choice([None, 1, 2.5, 5, 9]))
+        elif op < 0.8:
+            store.get(key)  # sliding: moves deadlines later in place
+        else:
+            clock.advance(rng.choice([0.5, 1, 2]))
+        expired_before = store.stats().expirations
+        count = store.live_count()
+        assert store.stats().expirations == expired_before
+        assert count == sum(1 for k in range(60) if k in store)
+    assert store.live_count() == len(store)
 
 
 def test_replacing_never_evicts_the_key_itself_despite_float_residue(clock: FakeClock) -> None:

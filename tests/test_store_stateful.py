@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from ttlstore import RemovalCause, TTLStore
+from ttlstore.store import Slot
 from ttlstore.testing import FakeClock
 
 EXPIRED, EVICTED, DELETED, REPLACED = (
@@ -325,15 +326,50 @@ class StoreMachine(RuleBasedStateMachine):
         assert list(self.store) == list(self.model)
         assert list(self.store.items()) == [(k, i.value) for k, i in self.model.items()]
 
+    def _live_count(self) -> int:
+        return sum(item.deadline > self.now for item in self.model.values())
+
     @rule()
     def stats(self) -> None:
-        self._reclaim_due()
+        # An observer: reclaims nothing, so the model reclaims nothing either.
         stats = self.store.stats()
         for name in ("hits", "misses", "writes", "expirations", "evictions", "deletions"):
             assert getattr(stats, name) == self.counts[name], name
         assert stats.replacements == self.counts["replacements"]
-        assert stats.size == len(self.model)
+        assert stats.size == self._live_count()
         assert stats.weight == self._weight()
+
+    @rule()
+    def live_count(self) -> None:
+        assert self.store.live_count() == self._live_count()
+
+    @rule(key=KEYS, value=VALUES, ttl=TTLS, action=st.sampled_from(["keep", "set", "remove"]))
+    def compute(self, key: str, value: int, ttl: Any, action: str) -> None:
+        item = self._live(key)
+        seen: list[tuple[bool, int | None]] = []
+
+        def fn(slot: Slot[str, int]) -> str:
+            seen.append((slot.found, slot.get()))
+            if action == "set":
+                if ttl == "default":
+                    slot.set(value)
+                else:
+                    slot.set(value, ttl=ttl)
+            elif action == "remove":
+                slot.remove()
+            return action
+
+        result, reclaimed = self._observed(lambda: self.store.compute(key, fn))
+        assert result == action
+        assert seen == [(item is not None, None if item is None else item.value)]
+        if item is None:
+            self.counts["misses"] += 1
+        else:
+            self._read(key, item)
+        if action == "set":
+            self._model_set(key, value, self._ttl(ttl), False, reclaimed)
+        elif action == "remove" and item is not None:
+            self._remove(key, DELETED)
 
     @rule(key=KEYS)
     def remaining(self, key: str) -> None:

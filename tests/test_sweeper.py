@@ -201,6 +201,30 @@ def test_sweeper_reclaims_only_what_is_due(clock: FakeClock) -> None:
     assert store.peek("forever") == 3
 
 
+def test_polling_stats_and_live_count_leaves_every_expiry_to_the_sweeper(clock: FakeClock) -> None:
+    """A dashboard polling the store while a sweeper runs: the sweeper still reclaims (and
+    counts) every entry that expired, and every poll sees exactly the live entries."""
+    store: TTLStore[Any, int] = TTLStore(10_000, ttl=10.0, clock=clock)
+    expired_total = 0
+    with Sweeper(store, interval=FAST, batch=500) as sweeper:
+        for wave in range(5):
+            for i in range(1_000):
+                store.set((wave, i), i, ttl=None if i % 10 == 0 else 10.0)
+            clock.advance(11)  # the wave's 900 entries with a TTL are due now
+            expired_total += 900
+            live = 100 * (wave + 1)
+
+            def swept(total: int = expired_total, live: int = live) -> bool:
+                # Poll the observers the way a metrics scrape does while the sweeper works.
+                assert store.live_count() == store.stats().size == live
+                return sweeper.stats().reclaimed == total
+
+            wait_for(swept)
+            assert store.stats().expirations == expired_total
+    assert sweeper.stats().reclaimed == store.stats().expirations == expired_total == 4_500
+    assert store.live_count() == len(store) == 500
+
+
 async def test_async_sweeper_empties_two_stores_without_any_read(clock: FakeClock) -> None:
     first, second = filled(clock, 2_500), filled(clock, 10)
     clock.advance(11)
@@ -605,8 +629,8 @@ def backlog(clock: FakeClock, n: int) -> tuple[TTLStore[Any, int], CountingLock]
     store = filled(clock, n)
     store.set("live", -1, ttl=None)
     clock.advance(11)
-    lock = CountingLock(store._lock)
-    store._lock = lock  # type: ignore[assignment]
+    lock = CountingLock(threading.Lock())  # the store is idle: a fresh lock stands in
+    store._lock = lock
     return store, lock
 
 

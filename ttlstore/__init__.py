@@ -20,6 +20,7 @@ from ttlstore.idempotency import (
     Started,
     idempotent,
 )
+from ttlstore.memo import aget_or_set, cached
 from ttlstore.ratelimit import (
     Decision,
     Limit,
@@ -28,7 +29,7 @@ from ttlstore.ratelimit import (
     TokenBucketLimiter,
     rate_limited,
 )
-from ttlstore.store import RemovalCause, StoreStats, TTLStore
+from ttlstore.store import RemovalCause, Slot, StoreStats, TTLStore
 from ttlstore.sweeper import AsyncSweeper, Sweeper, SweeperStats
 
 __all__ = [
@@ -49,12 +50,15 @@ __all__ = [
     "RateLimited",
     "RemovalCause",
     "Replay",
+    "Slot",
     "Started",
     "StoreStats",
     "Sweeper",
     "SweeperStats",
     "TTLStore",
     "TokenBucketLimiter",
+    "aget_or_set",
+    "cached",
     "idempotent",
     "rate_limited",
 ]

@@ -43,6 +43,21 @@ def positive_seconds(name: str, value: object, maximum: float = math.inf) -> flo
     return seconds
 
 
+def finite_seconds(name: str, value: object) -> float:
+    """``value`` as a finite float (an instant on a clock: any sign); rejects NaN and ``bool``."""
+    if type(value) is float and -math.inf < value < math.inf:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Decimal)):
+        raise TypeError(f"{name} must be a finite number of seconds, got {value!r}")
+    try:
+        seconds = float(value)
+    except (OverflowError, ValueError):
+        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}") from None
+    if not -math.inf < seconds < math.inf:  # also rejects NaN
+        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
+    return seconds
+
+
 def ttl_or_none(name: str, value: object) -> float | None:
     """A TTL: positive finite seconds, or ``None`` for "no expiry"."""
     return None if value is None else positive_seconds(name, value)

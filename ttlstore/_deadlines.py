@@ -108,6 +108,30 @@ class DeadlineIndex(Generic[K, V]):
         if 2 * self.stale > len(self.fifo) + len(self.heap) + _COMPACT_SLACK:
             self._compact(data)
 
+    def count_due(self, now: float, data: Mapping[K, Entry[K, V]]) -> int:
+        """How many entries of ``data`` are due at ``now``, changing nothing.
+
+        Visits only items filed at or before ``now``: the FIFO's sorted prefix and the heap's
+        subtree of such items (a heap item's children are filed no earlier). O(1) when nothing
+        is due, O(k) for k such items.
+        """
+        due = 0
+        for entry in self.fifo:
+            if entry.filed > now:  # type: ignore[operator]
+                break
+            if entry.deadline <= now and data.get(entry.key) is entry:
+                due += 1
+        heap = self.heap
+        stack = [0] if heap and heap[0][0] <= now else []
+        size = len(heap)
+        while stack:
+            i = stack.pop()
+            entry = heap[i][2]
+            if entry.deadline <= now and data.get(entry.key) is entry:
+                due += 1
+            stack.extend(c for c in (2 * i + 1, 2 * i + 2) if c < size and heap[c][0] <= now)
+        return due
+
     def clear(self) -> None:
         """Forget every item. O(n)."""
         self.fifo.clear()

@@ -18,211 +18,29 @@ itself only weakly between ticks: dropping the last reference to a running sweep
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Generator, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType, TracebackType
-from typing import Protocol
+from types import TracebackType
+from typing import TYPE_CHECKING
 
-from ttlstore._checks import positive_int, positive_seconds
+from ttlstore._sweeping import Expirable, Handles, SweeperBase, SweeperStats, Tick
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["AsyncSweeper", "Expirable", "Sweeper", "SweeperStats"]
 
 logger = logging.getLogger("ttlstore")
 
 
-class Expirable(Protocol):
-    """Anything a sweeper can serve: ``TTLStore`` or any weak-referenceable look-alike.
-
-    ``expire(limit)`` reclaims at most ``limit`` due entries, atomically with respect to the
-    store's readers, and returns how many it reclaimed.
-    """
-
-    def expire(self, limit: int, /) -> int:
-        """Reclaim up to ``limit`` due entries; return how many were reclaimed."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class SweeperStats:
-    """An immutable snapshot of a sweeper's counters."""
-
-    ticks: int
-    """Ticks completed (a tick cut short by ``stop()`` is not counted)."""
-    reclaimed: int
-    """Entries reclaimed in total, over all stores, including stores since dropped."""
-    errors: int
-    """Exceptions caught and logged; each one cost at most one store one tick."""
-    last_tick_duration: float
-    """Seconds the last completed tick took; 0.0 before the first."""
-    per_store: Mapping[int, int] = field(hash=False)
-    """``id(store) -> entries reclaimed`` for each store still served (dead stores drop out)."""
-
-
-class _Slot:
-    """One served store: a weak reference and what has been reclaimed from it."""
-
-    __slots__ = ("reclaimed", "ref")
-
-    def __init__(self, ref: weakref.ref[Expirable]) -> None:
-        self.ref = ref
-        self.reclaimed = 0
-
-
-class _SweeperBase:
-    """Store registry, counters and the tick itself, shared by both sweepers."""
-
-    def __init__(self, *stores: Expirable, interval: float = 60.0, batch: int = 1000) -> None:
-        # TIMEOUT_MAX: a longer wait makes threading.Event.wait raise OverflowError on the thread.
-        self._interval = positive_seconds("interval", interval, threading.TIMEOUT_MAX)
-        self._batch = positive_int("batch", batch)
-        # Guards the registry and the counters; never held while a store is called.
-        self._state = threading.Lock()
-        # Keyed by id(store): ids are unique among live objects, and a dead store's slot is
-        # pruned before any new store is registered, so a reused id never inherits counts.
-        self._slots: dict[int, _Slot] = {}
-        self._ticks = 0
-        self._reclaimed = 0
-        self._errors = 0
-        self._last_tick_duration = 0.0
-        for store in stores:
-            self.add(store)
-
-    # ------------------------------------------------------------------ registry
-
-    def add(self, store: Expirable) -> None:
-        """Serve ``store`` too, from the next tick on; adding a served store again does nothing.
-
-        The sweeper keeps only a weak reference: it never keeps ``store`` alive. O(stores).
-        """
-        if not callable(getattr(store, "expire", None)):
-            raise TypeError(f"store must have an expire(limit) method, got {store!r}")
-        self._check_store(store)
-        try:
-            ref: weakref.ref[Expirable] = weakref.ref(store)
-        except TypeError:
-            raise TypeError(f"store must be weak-referenceable, got {store!r}") from None
-        with self._state:
-            self._prune()
-            self._slots.setdefault(id(store), _Slot(ref))
-
-    def discard(self, store: Expirable) -> None:
-        """Stop serving ``store`` (before the next store of a tick in progress); else no-op."""
-        with self._state:
-            slot = self._slots.get(id(store))
-            if slot is not None and slot.ref() is store:
-                del self._slots[id(store)]
-
-    @property
-    def stores(self) -> tuple[Expirable, ...]:
-        """The stores still alive and served, as a snapshot (strong references). O(stores)."""
-        with self._state:
-            self._prune()
-            return tuple(s for s in (slot.ref() for slot in self._slots.values()) if s is not None)
-
-    def __contains__(self, store: object) -> bool:
-        slot = self._slots.get(id(store))
-        return slot is not None and slot.ref() is store
-
-    @property
-    def interval(self) -> float:
-        """Seconds between the end of one tick and the start of the next."""
-        return self._interval
-
-    @property
-    def batch(self) -> int:
-        """The most entries one ``expire`` call (one hold of a store's lock) may reclaim."""
-        return self._batch
-
-    def stats(self) -> SweeperStats:
-        """An immutable snapshot of the counters. O(stores)."""
-        with self._state:
-            self._prune()
-            per_store = {key: slot.reclaimed for key, slot in self._slots.items()}
-            return SweeperStats(
-                ticks=self._ticks,
-                reclaimed=self._reclaimed,
-                errors=self._errors,
-                last_tick_duration=self._last_tick_duration,
-                per_store=MappingProxyType(per_store),
-            )
-
-    def _check_store(self, store: Expirable) -> None:
-        """Refuse a store this kind of sweeper cannot serve safely (hook for subclasses)."""
-
-    def _prune(self) -> None:
-        """Drop the slots of dead stores, so counters never outlive their store. Under _state."""
-        dead = [key for key, slot in self._slots.items() if slot.ref() is None]
-        for key in dead:
-            del self._slots[key]
-
-    # ------------------------------------------------------------------ the tick
-
-    def _tick(self) -> Generator[bool, None, int]:
-        """One tick as a generator that pauses between slices; returns the entries reclaimed.
-
-        It yields True between two slices of one store (that store's lock was just released and
-        more may be due) and False between two stores. The drivers decide what a pause means:
-        the thread checks for stop and lets readers at the lock, the task gives the event loop a
-        turn (and a chance to cancel). A store's failure is logged and counted and the tick goes
-        on with the next store. O(k log n) for k due entries, in ceil(k / batch) + 1 calls per
-        store.
-        """
-        started = time.perf_counter()
-        batch = self._batch
-        total = 0
-        with self._state:
-            self._prune()
-            slots = list(self._slots.items())
-        for key, slot in slots:
-            if self._slots.get(key) is not slot:
-                continue  # discarded during this tick
-            store = slot.ref()
-            if store is None:
-                continue
-            reclaimed = 0
-            try:
-                while True:
-                    n = store.expire(batch)
-                    reclaimed += n
-                    if n < batch:
-                        break
-                    # A full slice: more may be due. The store's lock is free right now.
-                    yield True
-            except Exception:
-                logger.exception("sweeper: reclaiming due entries of %r failed", store)
-                with self._state:
-                    self._errors += 1
-            finally:
-                # Also on stop/cancel mid-store: what was reclaimed stays counted.
-                with self._state:
-                    slot.reclaimed += reclaimed
-                    self._reclaimed += reclaimed
-                total += reclaimed
-            del store  # not held across the yield below, nor between ticks
-            yield False
-        with self._state:
-            self._ticks += 1
-            self._last_tick_duration = time.perf_counter() - started
-        return total
-
-    def _count_error(self) -> None:
-        """Count a fault caught outside any one store."""
-        with self._state:
-            self._errors += 1
-
-
 # ---------------------------------------------------------------------- thread
 
 
-def _sweep_on_thread(sweeper: Sweeper, stop: threading.Event | None) -> int:
+def _sweep_on_thread(tick: Tick, stop: threading.Event | None) -> int:
     """Drive one tick on the calling thread; return the entries reclaimed (0 if stopped)."""
-    tick = sweeper._tick()
     try:
         while True:
             between_slices = next(tick)
@@ -241,25 +59,26 @@ def _sweep_on_thread(sweeper: Sweeper, stop: threading.Event | None) -> int:
         tick.close()
 
 
-def _thread_main(ref: weakref.ref[Sweeper], stop: threading.Event) -> None:
+def _thread_main(handles: Handles, stop: threading.Event) -> None:
     """Body of the sweeper thread: tick, wait ``interval`` or until stopped, repeat.
 
     Holds the sweeper only weakly while waiting, so no reference cycle through the thread keeps
     a forgotten sweeper (and its thread) alive forever.
     """
     while not stop.is_set():
-        sweeper = ref()
-        if sweeper is None:
+        tick = handles.tick()
+        if tick is None:
             return
-        interval = sweeper.interval
         try:
-            _sweep_on_thread(sweeper, stop)
+            _sweep_on_thread(tick(), stop)
         except Exception:
             # A fault outside any one store (a bug here): log, count, and keep the thread alive.
             logger.exception("sweeper: tick failed")
-            sweeper._count_error()
-        del sweeper
-        if stop.wait(interval):
+            count_error = handles.count_error()
+            if count_error is not None:
+                count_error()
+        del tick
+        if stop.wait(handles.interval):
             return
 
 
@@ -274,7 +93,7 @@ def _abandoned(stop: threading.Event, kind: str) -> None:
         )
 
 
-class Sweeper(_SweeperBase):
+class Sweeper(SweeperBase):
     """Reclaims due entries of any number of stores every ``interval`` seconds, on one thread.
 
     ``Sweeper(*stores, interval=60.0, batch=1000)``; ``start()``/``stop()`` or ``with``. Each tick
@@ -319,7 +138,7 @@ class Sweeper(_SweeperBase):
             stop = threading.Event()
             thread = threading.Thread(
                 target=_thread_main,
-                args=(weakref.ref(self), stop),
+                args=(Handles(self._tick, self._count_error, self._interval), stop),
                 name="ttlstore-sweeper",
                 daemon=True,
             )
@@ -356,7 +175,7 @@ class Sweeper(_SweeperBase):
         not raised, exactly as on the thread. O(k log n) for k due entries of a store of n, in
         ceil(k / batch) + 1 lock holds per store.
         """
-        return _sweep_on_thread(self, None)
+        return _sweep_on_thread(self._tick(), None)
 
     def __enter__(self) -> Sweeper:
         self.start()
@@ -380,9 +199,10 @@ class Sweeper(_SweeperBase):
 # ---------------------------------------------------------------------- asyncio
 
 
-async def _sweep_on_loop(sweeper: AsyncSweeper) -> int:
+async def _sweep_on_loop(tick: Tick) -> int:
     """Drive one tick on the running loop, yielding to it between slices; return entries."""
-    tick = sweeper._tick()
+    import asyncio  # here, not at the top: `import ttlstore` must not load asyncio
+
     try:
         while True:
             next(tick)
@@ -396,23 +216,26 @@ async def _sweep_on_loop(sweeper: AsyncSweeper) -> int:
         tick.close()
 
 
-async def _task_main(ref: weakref.ref[AsyncSweeper]) -> None:
+async def _task_main(handles: Handles) -> None:
     """Body of the sweeper task: tick, sleep ``interval``, repeat until cancelled.
 
     Holds the sweeper only weakly while sleeping, like the thread does.
     """
+    import asyncio  # here, not at the top: `import ttlstore` must not load asyncio
+
     while True:
-        sweeper = ref()
-        if sweeper is None:
+        tick = handles.tick()
+        if tick is None:
             return
-        interval = sweeper.interval
         try:
-            await _sweep_on_loop(sweeper)
+            await _sweep_on_loop(tick())
         except Exception:
             logger.exception("sweeper: tick failed")
-            sweeper._count_error()
-        del sweeper
-        await asyncio.sleep(interval)
+            count_error = handles.count_error()
+            if count_error is not None:
+                count_error()
+        del tick
+        await asyncio.sleep(handles.interval)
 
 
 def _abandoned_task(loop: asyncio.AbstractEventLoop, task: asyncio.Task[None]) -> None:
@@ -429,7 +252,7 @@ def _abandoned_task(loop: asyncio.AbstractEventLoop, task: asyncio.Task[None]) -
         loop.call_soon_threadsafe(task.cancel)
 
 
-class AsyncSweeper(_SweeperBase):
+class AsyncSweeper(SweeperBase):
     """Reclaims due entries of any number of stores every ``interval`` seconds, on one task.
 
     ``AsyncSweeper(*stores, interval=60.0, batch=1000)``; ``start()`` (inside a running loop)
@@ -455,6 +278,8 @@ class AsyncSweeper(_SweeperBase):
 
         Must be called from a coroutine (or callback) of the loop that should run it. O(1).
         """
+        import asyncio  # here, not at the top: `import ttlstore` must not load asyncio
+
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -463,7 +288,10 @@ class AsyncSweeper(_SweeperBase):
             ) from None
         if self.running:
             raise RuntimeError(f"{self!r} is already running; await stop() first")
-        task = loop.create_task(_task_main(weakref.ref(self)), name="ttlstore-async-sweeper")
+        task = loop.create_task(
+            _task_main(Handles(self._tick, self._count_error, self._interval)),
+            name="ttlstore-async-sweeper",
+        )
         if self._finalizer is not None:
             self._finalizer.detach()
         finalizer = weakref.finalize(self, _abandoned_task, loop, task)
@@ -476,6 +304,8 @@ class AsyncSweeper(_SweeperBase):
         ``RuntimeError`` if awaited on another loop than the one that started a running task:
         waiting there could never end.
         """
+        import asyncio  # here, not at the top: `import ttlstore` must not load asyncio
+
         task, finalizer = self._task, self._finalizer
         if (
             task is not None
@@ -504,7 +334,7 @@ class AsyncSweeper(_SweeperBase):
         Works whether or not the sweeper is running. Store errors are logged and counted.
         O(k log n) for k due entries of a store of n, in ceil(k / batch) + 1 slices per store.
         """
-        return await _sweep_on_loop(self)
+        return await _sweep_on_loop(self._tick())
 
     async def __aenter__(self) -> AsyncSweeper:
         self.start()

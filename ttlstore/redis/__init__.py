@@ -62,8 +62,17 @@ except ImportError as error:  # the extra is missing
 
 from ttlstore._errors import BackendUnavailable
 from ttlstore.redis.codecs import Codec, JsonCodec, PickleCodec
-from ttlstore.redis.idempotency import AsyncRedisIdempotencyStore, RedisIdempotencyStore
-from ttlstore.redis.limiter import AsyncRedisTokenBucketLimiter, OnError, RedisTokenBucketLimiter
+from ttlstore.redis.idempotency import (
+    AsyncRedisIdempotencyStore,
+    RedisIdempotencyStats,
+    RedisIdempotencyStore,
+)
+from ttlstore.redis.limiter import (
+    AsyncRedisTokenBucketLimiter,
+    OnError,
+    RedisLimiterStats,
+    RedisTokenBucketLimiter,
+)
 
 __all__ = [
     "AsyncRedisIdempotencyStore",
@@ -73,6 +82,8 @@ __all__ = [
     "JsonCodec",
     "OnError",
     "PickleCodec",
+    "RedisIdempotencyStats",
     "RedisIdempotencyStore",
+    "RedisLimiterStats",
     "RedisTokenBucketLimiter",
 ]

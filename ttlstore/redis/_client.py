@@ -5,6 +5,7 @@ Names here are public to the ``ttlstore.redis`` package only (the module is priv
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import threading
@@ -14,7 +15,9 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
 import redis.asyncio.retry
+import redis.cluster
 import redis.retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -77,9 +80,12 @@ def check_key(key: object) -> str:
 
 def hash_tag(key: str) -> str:
     """``key`` with its braces escaped (injectively), so that the whole key is the Cluster hash
-    tag: a ``}`` in it would otherwise end the tag early and skew keys onto one slot."""
+    tag: a ``}`` in it would otherwise end the tag early and skew keys onto one slot. The empty
+    key becomes ``\\e``, which no other key escapes to: an empty tag ``{}`` is no tag at all
+    (Redis would hash the whole name, and each key of one logical key would get its own slot).
+    """
     if "{" not in key and "}" not in key and "\\" not in key:
-        return key  # the common case; an escaped key always holds a backslash, this one none
+        return key or "\\e"  # an escaped key always holds a backslash, this one none
     return key.replace("\\", "\\\\").replace("{", "\\(").replace("}", "\\)")
 
 
@@ -88,16 +94,24 @@ def millis(name: str, seconds: object) -> int:
     return max(1, math.ceil(positive_seconds(name, seconds) * 1000))
 
 
+# What a node connection of a sync RedisCluster reads with when none was given: redis.Redis's
+# default (None before redis-py 6, 5 s since).
+_DEFAULT_SOCKET_TIMEOUT = inspect.signature(redis.Redis).parameters["socket_timeout"].default
+
+
 def _unbounded(client: object) -> bool:
     """Whether ``client`` says it reads without a timeout (False when it does not say)."""
-    get = getattr(client, "get_connection_kwargs", None)  # Redis, asyncio Redis; not Cluster
+    get = getattr(client, "get_connection_kwargs", None)  # every redis-py client has it
     try:
         kwargs = get() if callable(get) else None
     except Exception:
         return False
-    return (
-        isinstance(kwargs, dict) and "socket_timeout" in kwargs and kwargs["socket_timeout"] is None
-    )
+    if not isinstance(kwargs, dict):
+        return False
+    if "socket_timeout" in kwargs:
+        return kwargs["socket_timeout"] is None
+    # A sync RedisCluster lists only the arguments it was given.
+    return isinstance(client, redis.cluster.RedisCluster) and _DEFAULT_SOCKET_TIMEOUT is None
 
 
 class FaultLog:
@@ -131,6 +145,24 @@ class FaultLog:
         )
 
 
+class Tally:
+    """Counts of named events, safe to bump from several threads: what ``stats()`` reports."""
+
+    __slots__ = ("_counts", "_lock")
+
+    def __init__(self, *names: str) -> None:
+        self._counts = dict.fromkeys(names, 0)
+        self._lock = threading.Lock()
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self._counts[name] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
 class Scripting(Protocol[S_co]):
     """A redis-py client (sync or asyncio, standalone or Cluster): it can register scripts."""
 
@@ -142,7 +174,8 @@ class Connected(Generic[C, S]):
 
     _ASYNC: ClassVar[bool]
     _SUFFIX: ClassVar[str]
-    __slots__ = ("_client", "_prefix")
+    # __weakref__: ttlstore.metrics holds registered backends weakly.
+    __slots__ = ("__weakref__", "_client", "_prefix")
 
     def __init__(self, client: C, prefix: str) -> None:
         if not callable(getattr(client, "register_script", None)):
@@ -174,33 +207,39 @@ class Connected(Generic[C, S]):
 
     @classmethod
     def from_url(
-        cls: type[T], url: str, *args: Any, timeout: float = 0.25, retries: int = 1, **kwargs: Any
+        cls: type[T],
+        url: str,
+        *args: Any,
+        timeout: float = 0.25,
+        retries: int = 1,
+        cluster: bool = False,
+        **kwargs: Any,
     ) -> T:
         """An instance on a new client for ``url`` with bounded timeouts.
 
         The client gets ``socket_timeout`` and ``socket_connect_timeout`` of ``timeout``
         seconds and ``retries`` immediate retries (one covers a pooled connection the server
         closed), so a failing call surfaces within about ``(retries + 1) * 2 * timeout``.
-        ``args`` and ``kwargs`` go to the constructor. The caller closes :attr:`client`.
+        With ``cluster=True`` the client is a ``redis.cluster.RedisCluster`` (asyncio:
+        ``redis.asyncio.cluster.RedisCluster``) that discovers the Cluster from the node at
+        ``url``; the sync one connects at once, so an unreachable Cluster raises here. On a
+        Cluster a failing call may also spend a topology refresh per attempt. ``args`` and
+        ``kwargs`` go to the constructor. The caller closes :attr:`client`.
         """
         timeout = positive_seconds("timeout", timeout)
         if isinstance(retries, bool) or not isinstance(retries, int):
             raise TypeError(f"retries must be a non-negative int, got {retries!r}")
         if retries < 0:
             raise ValueError(f"retries must be a non-negative int, got {retries!r}")
+        if not isinstance(cluster, bool):
+            raise TypeError(f"cluster must be a bool, got {cluster!r}")
+        bounds: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
         client: Any
         if cls._ASYNC:
-            client = redis.asyncio.Redis.from_url(
-                url,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                retry=redis.asyncio.retry.Retry(NoBackoff(), retries),
-            )
+            retry: Any = redis.asyncio.retry.Retry(NoBackoff(), retries)
+            factory: Any = redis.asyncio.cluster.RedisCluster if cluster else redis.asyncio.Redis
         else:
-            client = redis.Redis.from_url(
-                url,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                retry=redis.retry.Retry(NoBackoff(), retries),
-            )
+            retry = redis.retry.Retry(NoBackoff(), retries)
+            factory = redis.cluster.RedisCluster if cluster else redis.Redis
+        client = factory.from_url(url, retry=retry, **bounds)
         return cls(client, *args, **kwargs)

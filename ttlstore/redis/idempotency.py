@@ -6,11 +6,16 @@ package docstring for the key layout.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 from redis.commands.core import AsyncScript, Script
 
 from ttlstore._errors import BackendUnavailable
@@ -20,15 +25,17 @@ from ttlstore.redis._client import (
     C,
     Connected,
     S,
+    Tally,
     as_bytes,
     describe,
     millis,
     script_source,
     text,
 )
+from ttlstore.redis._release import RELEASED, TaskReleaser, ThreadReleaser
 from ttlstore.redis.codecs import Codec, JsonCodec
 
-__all__ = ["AsyncRedisIdempotencyStore", "RedisIdempotencyStore"]
+__all__ = ["AsyncRedisIdempotencyStore", "RedisIdempotencyStats", "RedisIdempotencyStore"]
 
 # KEYS[1]: the key's hash. ARGV: fingerprint, token, lease ms. A begin that finds its own token
 # is redis-py retrying this very call after a lost reply: it still owns the claim.
@@ -38,11 +45,28 @@ _BEGIN_LUA = script_source("begin.lua")
 # call (already done: 1) from a second complete() by the same owner (0, as in memory).
 _COMPLETE_LUA = script_source("complete.lua")
 
-# ARGV: token.
+# ARGV: token. Replies 1 (released), 0 (no such key) or -1 (another owner's claim or a record):
+# the background release of a failed begin tells these apart (see _release.py).
 _RELEASE_LUA = script_source("release.lua")
 
 _IN_PROGRESS = InProgress()
 _MISMATCH = Mismatch()
+
+
+@dataclass(frozen=True, slots=True)
+class RedisIdempotencyStats:
+    """An immutable snapshot of a Redis idempotency store's counters (this instance's calls)."""
+
+    claims: int
+    """``begin`` calls answered ``Started``."""
+    replays: int
+    """``begin`` calls answered ``Replay``."""
+    conflicts: int
+    """``begin`` calls answered ``InProgress``."""
+    mismatches: int
+    """``begin`` calls answered ``Mismatch``."""
+    errors: int
+    """Calls that raised ``BackendUnavailable`` because Redis failed."""
 
 
 class _Idempotency(Connected[C, S]):
@@ -50,7 +74,16 @@ class _Idempotency(Connected[C, S]):
 
     _SUFFIX = "idempotency"
 
-    __slots__ = ("_begin", "_codec", "_complete", "_lease", "_release", "_ttl")
+    __slots__ = (
+        "_begin",
+        "_codec",
+        "_complete",
+        "_counts",
+        "_lease",
+        "_release",
+        "_releases",
+        "_ttl",
+    )
 
     def __init__(
         self,
@@ -70,10 +103,25 @@ class _Idempotency(Connected[C, S]):
         ):
             raise TypeError(f"codec must have encode() and decode() methods, got {codec!r}")
         self._codec = codec
+        self._counts = Tally("claims", "replays", "conflicts", "mismatches", "errors")
         super().__init__(client, prefix)
         self._begin: S = self._register(_BEGIN_LUA)
         self._complete: S = self._register(_COMPLETE_LUA)
         self._release: S = self._register(_RELEASE_LUA)
+        # A weak method: the background release never keeps the store (and client) alive.
+        self._releases: Any = (TaskReleaser if self._ASYNC else ThreadReleaser)(
+            type(self).__name__, weakref.WeakMethod(self._release_attempt)
+        )
+
+    def _release_attempt(self, key: str, token: str) -> Any:
+        """One run of the release script: 1, 0 or -1 (a coroutine on the async client)."""
+        script: Any = self._release
+        return script(*self._release_call(key, token))
+
+    @property
+    def pending_releases(self) -> int:
+        """Claims of failed ``begin`` calls still being released in the background."""
+        return int(self._releases.pending)
 
     def _begin_call(self, key: str, fingerprint: str) -> tuple[list[str], list[str | int], str]:
         if not isinstance(fingerprint, str):
@@ -84,14 +132,18 @@ class _Idempotency(Connected[C, S]):
     def _outcome(self, reply: Any, token: str) -> Outcome[Any]:
         kind = text(reply[0])
         if kind == "started":
+            self._counts.add("claims")
             return Started(token)
         if kind == "replay":
+            self._counts.add("replays")
             return Replay(self._codec.decode(as_bytes(reply[1])))
         if kind == "in_progress":
+            self._counts.add("conflicts")
             # The claim's PTTL: the lease its owner has left (a 409 tells clients to wait it).
             left = int(reply[1]) if len(reply) > 1 else -1
             return InProgress(left / 1000) if left >= 0 else _IN_PROGRESS
         if kind == "mismatch":
+            self._counts.add("mismatches")
             return _MISMATCH
         raise RuntimeError(f"the Redis begin script answered {reply!r} (a bug in ttlstore)")
 
@@ -102,6 +154,7 @@ class _Idempotency(Connected[C, S]):
         return [self._key(key)], [_check_token(token)]
 
     def _unavailable(self, what: str, key: str, error: BaseException) -> BackendUnavailable:
+        self._counts.add("errors")
         return BackendUnavailable(
             f"Redis failed to {what} idempotency key {key!r}: {describe(error)}"
         )
@@ -121,6 +174,10 @@ class _Idempotency(Connected[C, S]):
         """How results are stored."""
         return self._codec
 
+    def stats(self) -> RedisIdempotencyStats:
+        """An immutable snapshot of this instance's counters; no round trip. O(1)."""
+        return RedisIdempotencyStats(**self._counts.snapshot())
+
     def __repr__(self) -> str:
         return (
             f"<{type(self).__name__} ttl={self.ttl:g} lease={self.lease:g} "
@@ -134,7 +191,7 @@ def _check_token(token: object) -> str:
     return token
 
 
-class RedisIdempotencyStore(_Idempotency[redis.Redis, Script]):
+class RedisIdempotencyStore(_Idempotency[redis.Redis | redis.cluster.RedisCluster, Script]):
     """Idempotency keys shared through Redis (``redis.Redis``): an ``IdempotencyBackend``.
 
     Answers as :class:`~ttlstore.idempotency.IdempotencyStore` does (``Started``, ``Replay``,
@@ -148,9 +205,12 @@ class RedisIdempotencyStore(_Idempotency[redis.Redis, Script]):
     :param prefix: the first part of every key (no braces).
     :param codec: how results are stored; default :class:`JsonCodec`.
 
-    A Redis fault raises :class:`BackendUnavailable` (the middleware answers 503). The ASGI
-    middleware calls a sync backend inline on the event loop: use
-    :class:`AsyncRedisIdempotencyStore` there.
+    A Redis fault raises :class:`BackendUnavailable` (the middleware answers 503). A ``begin``
+    that failed may still run when Redis answers again, or ran with its reply lost: its claim
+    is released by token in the background (a daemon thread; :attr:`pending_releases`,
+    :meth:`drain`), so a retry of the key runs again as soon as Redis answers instead of after
+    the lease; another owner's claim is never touched. The ASGI middleware calls a sync
+    backend inline on the event loop: use :class:`AsyncRedisIdempotencyStore` there.
     """
 
     _ASYNC = False
@@ -162,6 +222,9 @@ class RedisIdempotencyStore(_Idempotency[redis.Redis, Script]):
         try:
             reply = self._begin(keys, args)
         except FAILURES as error:
+            # It may still run, or have run with its reply lost: end our claim when Redis
+            # answers again, so that a retry of the key need not wait out the lease.
+            self._releases.schedule(key, token, error)
             raise self._unavailable("begin", key, error) from error
         return self._outcome(reply, token)
 
@@ -186,14 +249,22 @@ class RedisIdempotencyStore(_Idempotency[redis.Redis, Script]):
         """End the claim without storing anything, if ``token`` still owns ``key``."""
         keys, args = self._release_call(key, token)
         try:
-            return bool(self._release(keys, args))
+            return bool(self._release(keys, args) == RELEASED)
         except FAILURES as error:
             raise self._unavailable("release", key, error) from error
 
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until no claim of a failed ``begin`` is being released in the background;
+        False if some still are after ``timeout`` seconds."""
+        return bool(self._releases.drain(timeout))
 
-class AsyncRedisIdempotencyStore(_Idempotency[redis.asyncio.Redis, AsyncScript]):
+
+class AsyncRedisIdempotencyStore(
+    _Idempotency[redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster, AsyncScript]
+):
     """:class:`RedisIdempotencyStore` on ``redis.asyncio.Redis``: an ``AsyncIdempotencyBackend``
-    for ``IdempotencyMiddleware`` and async ``@idempotent`` functions."""
+    for ``IdempotencyMiddleware`` and async ``@idempotent`` functions. The claim of a failed or
+    cancelled ``begin`` is released by an asyncio task on the caller's loop."""
 
     _ASYNC = True
     __slots__ = ()
@@ -204,7 +275,12 @@ class AsyncRedisIdempotencyStore(_Idempotency[redis.asyncio.Redis, AsyncScript])
         try:
             reply = await self._begin(keys, args)
         except FAILURES as error:
+            # It may still run, or have run with its reply lost: see RedisIdempotencyStore.
+            self._releases.schedule(key, token, error)
             raise self._unavailable("begin", key, error) from error
+        except asyncio.CancelledError as error:
+            self._releases.schedule(key, token, error)  # the same: sent, answer unknown
+            raise
         return self._outcome(reply, token)
 
     async def complete(self, key: str, token: str, result: Any) -> bool:
@@ -224,6 +300,11 @@ class AsyncRedisIdempotencyStore(_Idempotency[redis.asyncio.Redis, AsyncScript])
         """End the claim without storing anything, if ``token`` still owns ``key``."""
         keys, args = self._release_call(key, token)
         try:
-            return bool(await self._release(keys, args))
+            return bool(await self._release(keys, args) == RELEASED)
         except FAILURES as error:
             raise self._unavailable("release", key, error) from error
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Wait until no claim of a failed ``begin`` is being released in the background
+        on this event loop; False if some still are after ``timeout`` seconds."""
+        return bool(await self._releases.drain(timeout))

@@ -7,22 +7,29 @@ GCRA arithmetic; see the package docstring for the key layout and failure polici
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal, cast, overload
+from dataclasses import dataclass
+from typing import Any, Literal, overload
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 from redis.commands.core import AsyncScript, Script
 from redis.exceptions import ResponseError
 
 from ttlstore._errors import BackendUnavailable
-from ttlstore.ratelimit import (
+from ttlstore._gcra import (
+    Bucket,
     Decision,
     Limit,
     Number,
-    TokenBucketLimiter,
-    _check_timeout,
-    _wait_async,
-    _wait_sync,
+    buckets_of,
+    check_cost,
+    check_timeout,
+    decide,
+    limits_from,
+    wait_async,
+    wait_sync,
 )
 from ttlstore.redis._client import (
     FAILURES,
@@ -31,12 +38,18 @@ from ttlstore.redis._client import (
     Connected,
     FaultLog,
     S,
+    Tally,
     describe,
     script_source,
     text,
 )
 
-__all__ = ["AsyncRedisTokenBucketLimiter", "OnError", "RedisTokenBucketLimiter"]
+__all__ = [
+    "AsyncRedisTokenBucketLimiter",
+    "OnError",
+    "RedisLimiterStats",
+    "RedisTokenBucketLimiter",
+]
 
 OnError = Literal["allow", "deny", "raise"]
 """What a limiter answers when Redis fails: allow the request, refuse it, or raise."""
@@ -77,12 +90,35 @@ def _limbs(units: int, scale: int) -> tuple[int, int, int, int]:
     return ms, ns, hi, lo
 
 
+@dataclass(frozen=True, slots=True)
+class RedisLimiterStats:
+    """An immutable snapshot of a Redis limiter's counters (this instance's calls only)."""
+
+    allowed: int
+    """Requests allowed by a decision of the script (acquire)."""
+    denied: int
+    """Requests refused by a decision of the script (acquire)."""
+    degraded: int
+    """Decisions (acquire or peek) answered by ``on_error`` because Redis failed."""
+    errors: int
+    """Redis faults met, ``on_error="raise"`` ones included."""
+
+
 class _Limiter(Connected[C, S]):
     """Shared by the sync and async limiters: validation, script arguments, decisions."""
 
     _SUFFIX = "bucket"
 
-    __slots__ = ("_args", "_faults", "_fields", "_model", "_on_error", "_script", "_static")
+    __slots__ = (
+        "_args",
+        "_buckets",
+        "_counts",
+        "_faults",
+        "_fields",
+        "_on_error",
+        "_script",
+        "_static",
+    )
 
     @overload
     def __init__(
@@ -115,14 +151,12 @@ class _Limiter(Connected[C, S]):
     ) -> None:
         if on_error not in ("allow", "deny", "raise"):
             raise ValueError(f"on_error must be 'allow', 'deny' or 'raise', got {on_error!r}")
-        # The in-memory limiter validates the limits and does the arithmetic: one model of the
-        # rules, so both backends decide alike. Its store is never used.
-        self._model: TokenBucketLimiter = cast(Any, TokenBucketLimiter)(
-            rate, capacity, limits=limits, maxsize=1, threadsafe=False
-        )
+        # The in-memory limiter's rules and arithmetic (ttlstore._gcra): one model, so both
+        # backends validate and decide alike.
+        self._buckets: tuple[Bucket, ...] = buckets_of(limits_from(rate, capacity, limits))
         self._fields: list[str] = []
         self._static: list[str] = []  # per limit: scale and tolerance limbs
-        for bucket in self._model._buckets:
+        for bucket in self._buckets:
             if bucket.scale >= _SCALE_MAX:
                 raise ValueError(
                     f"rate {bucket.limit.rate!r} of {bucket.limit!r} needs time units of "
@@ -137,6 +171,7 @@ class _Limiter(Connected[C, S]):
         super().__init__(client, prefix)
         self._on_error: OnError = on_error
         self._faults = FaultLog(type(self).__name__)
+        self._counts = Tally("allowed", "denied", "degraded")
         self._script: S = self._register(_BUCKET_LUA)
 
     # ------------------------------------------------------------------ shared steps
@@ -147,10 +182,10 @@ class _Limiter(Connected[C, S]):
         # Only a plain int hits the cache: True and 1.0 hash like 1 but must be refused.
         args = self._args.get((cost, take)) if type(cost) is int else None
         if args is None:
-            cost = self._model._check_cost(cost)
+            cost = check_cost(self._buckets, cost)
             args = ["1" if take else "0"]
             for field, static, bucket in zip(
-                self._fields, self._static, self._model._buckets, strict=True
+                self._fields, self._static, self._buckets, strict=True
             ):
                 limbs = _limbs(cost * bucket.interval, bucket.scale)
                 args += (field, f"{static} {' '.join(map(str, limbs))}")
@@ -164,14 +199,15 @@ class _Limiter(Connected[C, S]):
         allowed, seconds, micros, *stored = reply
         now = int(seconds) * _NS + int(micros) * 1000
         state = tuple(
-            _tat(value, bucket.scale)
-            for value, bucket in zip(stored, self._model._buckets, strict=True)
+            _tat(value, bucket.scale) for value, bucket in zip(stored, self._buckets, strict=True)
         )
-        decision = self._model._decide(state, now, cost, take)[0]
+        decision = decide(self._buckets, state, now, cost, take)[0]
         if decision.allowed != (allowed == 1):
             raise RuntimeError(
                 f"the Redis script and the limiter disagree on {reply!r} (a bug in ttlstore)"
             )
+        if take:
+            self._counts.add("allowed" if decision.allowed else "denied")
         return decision
 
     def _failed(self, error: BaseException, cost: int) -> Decision:
@@ -184,7 +220,8 @@ class _Limiter(Connected[C, S]):
             raise BackendUnavailable(
                 f"Redis failed during a rate-limit decision: {describe(error)}"
             ) from error
-        limit = self._model.limits[0]
+        self._counts.add("degraded")
+        limit = self._buckets[0].limit
         if policy == "allow":
             return Decision(
                 True, limit.capacity - cost, 0.0, 0.0, 0.0, limit, degraded=describe(error)
@@ -197,7 +234,7 @@ class _Limiter(Connected[C, S]):
     @property
     def limits(self) -> tuple[Limit, ...]:
         """The limits every key is held to."""
-        return self._model.limits
+        return tuple(bucket.limit for bucket in self._buckets)
 
     @property
     def on_error(self) -> OnError:
@@ -208,6 +245,11 @@ class _Limiter(Connected[C, S]):
     def errors(self) -> int:
         """Redis faults met so far (each answered by ``on_error``)."""
         return self._faults.count
+
+    def stats(self) -> RedisLimiterStats:
+        """An immutable snapshot of this instance's counters; no round trip. O(1)."""
+        counts = self._counts.snapshot()
+        return RedisLimiterStats(**counts, errors=self._faults.count)
 
     def __repr__(self) -> str:
         limits = ", ".join(f"{limit.capacity}@{limit.rate}/s" for limit in self.limits)
@@ -225,7 +267,7 @@ def _tat(value: object, scale: int) -> int:
     return int(ns) * scale + int(remainder)
 
 
-class RedisTokenBucketLimiter(_Limiter[redis.Redis, Script]):
+class RedisTokenBucketLimiter(_Limiter[redis.Redis | redis.cluster.RedisCluster, Script]):
     """Token buckets shared through Redis (``redis.Redis``): a :class:`Limiter` for replicas.
 
     Same constructor and decisions as :class:`~ttlstore.ratelimit.TokenBucketLimiter`:
@@ -287,10 +329,12 @@ class RedisTokenBucketLimiter(_Limiter[redis.Redis, Script]):
         :class:`~ttlstore.ratelimit.RateLimited` at once when the wait would end after
         ``timeout`` seconds.
         """
-        return _wait_sync(self.acquire, key, cost, _check_timeout(timeout))
+        return wait_sync(self.acquire, key, cost, check_timeout(timeout))
 
 
-class AsyncRedisTokenBucketLimiter(_Limiter[redis.asyncio.Redis, AsyncScript]):
+class AsyncRedisTokenBucketLimiter(
+    _Limiter[redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster, AsyncScript]
+):
     """:class:`RedisTokenBucketLimiter` on ``redis.asyncio.Redis``: an :class:`AsyncLimiter`."""
 
     _ASYNC = True
@@ -334,4 +378,4 @@ class AsyncRedisTokenBucketLimiter(_Limiter[redis.asyncio.Redis, AsyncScript]):
         :class:`~ttlstore.ratelimit.RateLimited` at once when the wait would end after
         ``timeout`` seconds; cancelling while asleep takes nothing.
         """
-        return await _wait_async(self.acquire, key, cost, _check_timeout(timeout))
+        return await wait_async(self.acquire, key, cost, check_timeout(timeout))
