@@ -612,31 +612,17 @@ class IdempotencyStore:
         Returns False, storing nothing, if ``token`` no longer owns ``key`` (its lease ran out,
         it was completed or released already, or it never did).
         """
-        lock = self._lock
-        if lock is not None:
-            lock.acquire()
-        try:
-            data = self._claims.data
-            claim = data.get(key)
-            if claim is None or claim[1] != token or claim[2] <= self._clock():
-                self._stale += 1
-                return False
-            del data[key]
-            # A StoredResponse (a tuple) flattens into the record: one object for the GC less.
-            self._records[key] = (
-                (claim[0], *result) if type(result) is StoredResponse else (claim[0], result)
-            )
-            self._completions += 1
-            return True
-        finally:
-            if lock is not None:
-                lock.release()
+        return self._end(key, token, result)
 
     def release(self, key: str, token: str) -> bool:
         """End the claim on ``key`` without storing anything, so a retry runs again. O(1).
 
         Returns False if ``token`` no longer owns ``key``.
         """
+        return self._end(key, token, _ABSENT)
+
+    def _end(self, key: str, token: str, result: Any) -> bool:
+        """End the claim if ``token`` owns it, storing ``result`` unless it is ``_ABSENT``."""
         lock = self._lock
         if lock is not None:
             lock.acquire()
@@ -647,7 +633,14 @@ class IdempotencyStore:
                 self._stale += 1
                 return False
             del data[key]
-            self._releases += 1
+            if result is _ABSENT:
+                self._releases += 1
+                return True
+            # A StoredResponse (a tuple) flattens into the record: one object for the GC less.
+            self._records[key] = (
+                (claim[0], *result) if type(result) is StoredResponse else (claim[0], result)
+            )
+            self._completions += 1
             return True
         finally:
             if lock is not None:
