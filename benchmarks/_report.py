@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from benchmarks import _asgi
+
 Report = dict[str, Any]
 
 FIFO_MARK = "†"
@@ -132,6 +134,7 @@ def markdown(report: Report) -> str:
     if limiters:
         out += _limiter_section(limiters)
     out += _redis_section(report.get("redis"))
+    out += _asgi.markdown(report.get("asgi"))
     out += _memoize_section(report.get("memoize"))
     return "\n".join(out) + "\n"
 

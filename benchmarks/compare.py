@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from benchmarks import _memoize, _report, _targets
+from benchmarks import _asgi, _memoize, _report, _targets
 from benchmarks._limiters import LIMITER_BASELINE, LIMITERS, LimiterAdapter
 from benchmarks._memory import rss_bytes_per_entry, traced_bytes_per_entry
 from benchmarks._peers import (
@@ -90,6 +90,8 @@ class Config:
     limiter_baseline: str = LIMITER_BASELINE
     #: Seconds per case of the Redis round-trip measurement (0: skip it).
     redis_seconds: float = 1.0
+    #: Requests per sample of the ASGI middleware section (0: skip it).
+    asgi_requests: int = 5_000
     #: The memoize section (decorators, at the smallest size): its libraries, or () to skip.
     memoizers: Sequence[_memoize.Memoizer] = _memoize.MEMOIZERS
     #: Callers of the memoize stampede: (threads, tasks).
@@ -108,6 +110,7 @@ QUICK = Config(
     max_ops=100_000,
     mode="quick",
     redis_seconds=0.3,
+    asgi_requests=1_000,
 )
 DEFAULT = Config()
 FULL = Config(sizes=(1_000, 100_000, 1_000_000), repeats=5, mode="full")
@@ -436,6 +439,7 @@ def run(config: Config, log: TextIO = sys.stderr) -> dict[str, Any]:
         ),
     }
     report["redis"] = _redis_round_trips(config.redis_seconds, log)
+    report["asgi"] = _asgi_section(config, log)
     report["memoize"] = _memoize_section(config, log)
     report["targets"] = _targets.check(report)
     return report
@@ -463,6 +467,16 @@ def _redis_round_trips(seconds: float, log: TextIO) -> dict[str, Any] | None:
         server.close()
     print(f"redis round trips: {len(rows)} cases measured", file=log)
     return {"status": "ok", "rows": [dataclasses.asdict(row) for row in rows]}
+
+
+def _asgi_section(config: Config, log: TextIO) -> dict[str, Any] | None:
+    """µs per request of each ASGI middleware stack, ttlstore's and its peers' (see _asgi)."""
+    if not config.asgi_requests:
+        return None
+    t0 = time.perf_counter()
+    section = _asgi.measure(config.asgi_requests, config.repeats, log=log)
+    print(f"asgi middlewares: measured ({time.perf_counter() - t0:.1f}s)", file=log, flush=True)
+    return section
 
 
 def _memoize_section(config: Config, log: TextIO) -> dict[str, Any] | None:
@@ -569,6 +583,12 @@ def _parse(argv: Sequence[str]) -> Config:
         help=f"write the committed results in {RESULTS_DIR.parent.name}/{RESULTS_DIR.name}/",
     )
     parser.add_argument(
+        "--asgi-requests",
+        type=int,
+        metavar="N",
+        help="requests per sample of the ASGI middleware section (0: skip it)",
+    )
+    parser.add_argument(
         "--no-rss", action="store_true", help="skip the resident-set measurement (child processes)"
     )
     parser.add_argument("--no-plot", action="store_true", help="do not draw latest.png")
@@ -601,6 +621,10 @@ def _parse(argv: Sequence[str]) -> Config:
         changes["redis_seconds"] = args.redis_seconds
     if args.memory_n is not None:
         changes["memory_n"] = args.memory_n or None
+    if args.asgi_requests is not None:
+        if args.asgi_requests < 0:
+            parser.error("--asgi-requests must not be negative")
+        changes["asgi_requests"] = args.asgi_requests
     if args.metrics:
         at = [a.name for a in config.adapters].index(config.baseline) + 1
         changes["adapters"] = (*config.adapters[:at], *METRICS_ADAPTERS, *config.adapters[at:])

@@ -1,10 +1,14 @@
 """Test doubles shared by several test modules (no tests here): an ASGI app that counts
-executions, and an async idempotency backend standing in for Redis."""
+executions, an async idempotency backend standing in for Redis, and a reader of the fault
+lines a component logs."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
+from collections.abc import Iterable
 from typing import Any
 
 from ttlstore.asgi import Message, Receive, Scope, Send
@@ -82,3 +86,16 @@ class AsyncStore:
     async def release(self, key: str, token: str) -> bool:
         await asyncio.sleep(0)
         return self.store.release(key, token)
+
+
+def fault_counts(records: Iterable[logging.LogRecord], component: str) -> list[int]:
+    """The fault count each line of ``component`` reports (``FaultLog``: one line per interval,
+    with the faults since the line before), in order."""
+    counts = []
+    for record in records:
+        message = record.getMessage()
+        if message.startswith(component):
+            found = re.search(r"\((\d+) time\(s\) since the last report", message)
+            assert found is not None, message
+            counts.append(int(found.group(1)))
+    return counts

@@ -9,14 +9,20 @@ scope isolation, the body limits and the stored-status policy.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import http_sf
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tests._support import AsyncStore, CountingApp, start_message
+from tests._support import AsyncStore, CountingApp, fault_counts, start_message
+from ttlstore import _faults
 from ttlstore.asgi import (
     DEFAULT_STORE_STATUSES,
     IdempotencyMiddleware,
@@ -27,8 +33,9 @@ from ttlstore.asgi import (
     get_header,
     parse_idempotency_key,
 )
-from ttlstore.idempotency import IdempotencyStore, Outcome, Started
-from ttlstore.testing import FakeClock
+from ttlstore.asgi.idempotency import fingerprint
+from ttlstore.idempotency import IdempotencyStore, InProgress, Outcome, Started
+from ttlstore.testing import FakeClock, RedisServer
 
 KEY = "Idempotency-Key"
 
@@ -536,3 +543,203 @@ def test_the_store_and_app_must_be_what_they_claim(app: CountingApp) -> None:
         IdempotencyMiddleware(app, {})  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="app must be an ASGI application"):
         IdempotencyMiddleware(None, IdempotencyStore())  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- fast paths = http_sf
+
+_TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def key_by_http_sf(value: bytes) -> str | None:
+    """The key rule as the README states it, computed by http_sf alone (the parser of record):
+    an sf String or Token (parameters ignored), else a bare run of token characters; 1 to 255
+    characters."""
+    stripped = value.strip(b" \t")
+    try:
+        parsed = http_sf.parse(stripped, tltype="item")
+    except http_sf.StructuredFieldError:
+        parsed = None
+    item = parsed[0] if isinstance(parsed, tuple) else None
+    if isinstance(item, str):
+        key = item
+    elif isinstance(item, http_sf.Token):
+        key = str(item)
+    elif stripped and all(chr(b) in _TOKEN_CHARS for b in stripped):
+        key = stripped.decode("ascii")
+    else:
+        return None
+    return key if 1 <= len(key) <= 255 else None
+
+
+_printable = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E))
+_field_values = st.one_of(
+    st.binary(max_size=40),
+    _printable.map(str.encode),
+    _printable.map(lambda text: b'"' + text.encode() + b'"'),  # quotes and escapes inside too
+    st.text(alphabet=_TOKEN_CHARS + ":/", min_size=1).map(str.encode),
+    st.builds(
+        lambda n, quoted: (b'"%s"' if quoted else b"%s") % (b"k" * n),
+        st.integers(250, 260),
+        st.booleans(),
+    ),
+    st.builds(
+        lambda pad, value, params: pad + value + params + pad,
+        st.sampled_from([b"", b" ", b"\t", b"  "]),
+        st.sampled_from([b'"abc"', b"abc", b"8e03978e-40d5-43e8", b"123", b"1.5", b"*x", b"%x"]),
+        st.sampled_from([b"", b";a=1", b";a", b", b", b" x"]),
+    ),
+)
+
+
+@given(_field_values)
+@settings(max_examples=2_000, deadline=None)
+def test_the_key_parser_agrees_with_http_sf(value: bytes) -> None:
+    assert parse_idempotency_key(value) == key_by_http_sf(value)
+
+
+def fingerprint_by_definition(method: str, path: bytes, query: bytes, body: bytes) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (method.encode("ascii"), path, query, body):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+@given(
+    st.sampled_from(["POST", "PATCH", "PUT"]),
+    st.binary(max_size=30),
+    st.binary(max_size=30),
+    st.binary(max_size=300),
+)
+def test_the_fingerprint_is_blake2b_over_length_prefixed_parts(
+    method: str, path: bytes, query: bytes, body: bytes
+) -> None:
+    assert fingerprint(method, path, query, body) == fingerprint_by_definition(
+        method, path, query, body
+    )
+
+
+def test_the_fingerprint_keeps_parts_apart() -> None:
+    assert fingerprint("POST", b"/a", b"b", b"") != fingerprint("POST", b"/ab", b"", b"")
+
+
+# ---------------------------------------------------------------------- Retry-After of a 409
+
+
+async def test_409_retry_after_is_1_while_this_process_runs_the_owner(
+    client: httpx.AsyncClient, app: CountingApp, clock: FakeClock
+) -> None:
+    app.gate = asyncio.Event()
+    first = asyncio.create_task(client.post("/orders", content=b"x", headers={KEY: "k"}))
+    await app.entered.wait()
+    clock.advance(5)  # most of the 60 s lease is left, but the owner is alive here
+    duplicate = await client.post("/orders", content=b"x", headers={KEY: "k"})
+    assert_problem(duplicate, 409)
+    assert duplicate.headers["retry-after"] == "1"
+    app.gate.set()
+    await first
+
+
+async def test_409_retry_after_is_the_lease_left_when_the_owner_is_elsewhere(
+    app: CountingApp, clock: FakeClock
+) -> None:
+    store = IdempotencyStore(lease=60, clock=clock)
+    # Another replica (or a request this middleware no longer tracks) holds the claim.
+    other = IdempotencyMiddleware(app, store)
+    async with client_for(IdempotencyMiddleware(app, store)) as client:
+        app.gate = asyncio.Event()
+        async with client_for(other) as other_client:
+            first = asyncio.create_task(
+                other_client.post("/orders", content=b"x", headers={KEY: "k"})
+            )
+            await app.entered.wait()
+            clock.advance(10.5)
+            duplicate = await client.post("/orders", content=b"x", headers={KEY: "k"})
+            assert_problem(duplicate, 409)
+            assert duplicate.headers["retry-after"] == "50"  # 49.5 s left, rounded up
+            clock.advance(49)  # 0.5 s left: never below 1
+            late = await client.post("/orders", content=b"x", headers={KEY: "k"})
+            assert late.headers["retry-after"] == "1"
+            app.gate.set()
+            await first
+
+
+async def test_409_retry_after_without_a_lease_hint_is_1(app: CountingApp) -> None:
+    class Unknown:
+        def begin(self, key: str, fingerprint: str) -> Outcome[Any]:
+            return InProgress()
+
+        def complete(self, key: str, token: str, result: Any) -> bool:
+            return False
+
+        def release(self, key: str, token: str) -> bool:
+            return False
+
+    async with client_for(IdempotencyMiddleware(app, Unknown())) as client:
+        duplicate = await client.post("/orders", headers={KEY: "k"})
+    assert_problem(duplicate, 409)
+    assert duplicate.headers["retry-after"] == "1"
+
+
+async def test_409_retry_after_from_redis_is_the_claims_pttl(
+    app: CountingApp, redis_server: RedisServer
+) -> None:
+    from ttlstore.redis import AsyncRedisIdempotencyStore
+
+    store = AsyncRedisIdempotencyStore.from_url(
+        redis_server.url, lease=30, prefix=f"retry-{uuid.uuid4().hex}"
+    )
+    try:
+        middleware = IdempotencyMiddleware(app, store)
+        # Claimed by another replica: the same lookup key the middleware builds.
+        lookup = "asgi\x00\x00k"
+        held = await store.begin(lookup, fingerprint("POST", b"/orders", b"", b"x"))
+        assert isinstance(held, Started)
+        async with client_for(middleware) as client:
+            duplicate = await client.post("/orders", content=b"x", headers={KEY: "k"})
+        assert_problem(duplicate, 409)
+        assert 29 <= int(duplicate.headers["retry-after"]) <= 30
+        assert app.calls == 0
+    finally:
+        await store.client.aclose()
+
+
+# ---------------------------------------------------------------------- quiet logs in an outage
+
+
+async def test_an_outage_logs_one_line_per_interval_with_the_count(
+    app: CountingApp,
+    fresh_redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ttlstore.redis import AsyncRedisIdempotencyStore
+
+    clock = FakeClock()
+    monkeypatch.setattr(_faults, "clock", clock)
+    store = AsyncRedisIdempotencyStore.from_url(fresh_redis_server.url, timeout=0.5)
+    fresh_redis_server.stop()  # Redis is down for the whole run
+    middleware = IdempotencyMiddleware(app, store)
+    statuses = []
+    try:
+        async with client_for(middleware) as client:
+            with caplog.at_level(logging.WARNING, logger="ttlstore"):
+                for i in range(1_000):
+                    response = await client.post("/orders", headers={KEY: f"k{i}"})
+                    statuses.append(response.status_code)
+                    clock.advance(1 / 16)  # 1 000 requests over 62.5 s: 160 per 10 s
+    finally:
+        await store.client.aclose()
+    assert set(statuses) == {503} and app.calls == 0
+    # One line at the first fault, then one per 10 s interval, each with the faults counted
+    # since the line before and the last error (the request that triggered it).
+    counts = fault_counts(caplog.records, "IdempotencyMiddleware")
+    assert counts == [1, 160, 160, 160, 160, 160, 160]
+    assert middleware.faults == 1_000
+    assert "'asgi\\x00\\x00k960'" in caplog.records[-1].getMessage()
+    ours = [r for r in caplog.records if r.getMessage().startswith("IdempotencyMiddleware")]
+    assert not any(record.exc_info for record in ours)  # an outage is no bug: no traceback
+    # The backend's own components (its background release of failed begins) log on the real
+    # clock, also at most once per interval each.
+    others = [r.getMessage().split(":")[0] for r in caplog.records if r not in ours]
+    assert all(others.count(component) <= 2 for component in others), others

@@ -6,12 +6,17 @@ import json
 import logging
 import math
 import re
+from fractions import Fraction
 from typing import Any
 
 import http_sf
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from tests._support import fault_counts
+from ttlstore import _faults
 from ttlstore._errors import BackendUnavailable
 from ttlstore.asgi import (
     Message,
@@ -22,8 +27,9 @@ from ttlstore.asgi import (
     client_host,
     get_header,
 )
+from ttlstore.asgi.ratelimit import ratelimit_field
 from ttlstore.ratelimit import Decision, Limit, TokenBucketLimiter
-from ttlstore.testing import FakeClock
+from ttlstore.testing import FakeClock, RedisServer
 
 
 async def hello(scope: Scope, receive: Receive, send: Send) -> None:
@@ -331,3 +337,96 @@ async def test_a_degraded_decision_advertises_no_bucket_state() -> None:
         response = await client.get("/")
     assert response.status_code == 200
     assert "ratelimit" not in response.headers and "ratelimit-policy" not in response.headers
+
+
+# ---------------------------------------------------------------------- fast fields = http_sf
+
+_names = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1)
+_ints = st.one_of(st.integers(0, 100), st.integers(0, 10**18))
+
+
+@given(_names, _ints, _ints)
+@settings(max_examples=1_000)
+def test_the_ratelimit_field_is_what_http_sf_serialises(
+    name: str, remaining: int, reset: int
+) -> None:
+    cap = 999_999_999_999_999
+    item: http_sf.ItemType = (name, {"r": min(remaining, cap), "t": min(reset, cap)})
+    expected = http_sf.ser([item])
+    serialised_name = http_sf.ser(name).encode("ascii")
+    assert ratelimit_field(serialised_name, remaining, reset) == expected.encode("ascii")
+
+
+def sf_item(name: str, **params: int) -> http_sf.ItemType:
+    """A Structured Field Item for http_sf: a String with Integer parameters."""
+    return (name, {key: value for key, value in params.items()})
+
+
+class Recording:
+    """A limiter that remembers its last decision."""
+
+    def __init__(self, limiter: TokenBucketLimiter) -> None:
+        self.limiter = limiter
+        self.limits = limiter.limits
+        self.last: Decision | None = None
+
+    def acquire(self, key: str, cost: int = 1) -> Decision:
+        self.last = self.limiter.acquire(key, cost)
+        return self.last
+
+
+@given(st.lists(_names, min_size=1, max_size=3, unique=True), st.integers(1, 200), st.data())
+@settings(max_examples=50, deadline=None)
+async def test_the_middleware_sends_http_sf_serialisations(
+    names: list[str], capacity: int, data: st.DataObject
+) -> None:
+    clock = FakeClock()
+    limits = [Limit(Fraction(capacity, 7), capacity, name=name) for name in names]
+    limiter = Recording(TokenBucketLimiter(limits=limits, clock=clock))
+    policy = http_sf.ser([sf_item(name, q=capacity, w=7) for name in names])
+    async with client(RateLimitMiddleware(hello, limiter)) as c:
+        for _ in range(data.draw(st.integers(1, 5))):
+            response = await c.get("/")
+            decision = limiter.last
+            assert decision is not None
+            assert decision.limit.name is not None
+            reset = math.ceil(decision.refill_after)
+            expected = sf_item(decision.limit.name, r=decision.remaining, t=reset)
+            assert response.headers["ratelimit"] == http_sf.ser([expected])
+            assert response.headers["ratelimit-policy"] == policy
+            clock.advance(data.draw(st.sampled_from([0, 0.1, 3])))
+
+
+# ---------------------------------------------------------------------- quiet logs in an outage
+
+
+async def test_an_outage_logs_one_line_per_interval_with_the_count(
+    fresh_redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ttlstore.redis import AsyncRedisTokenBucketLimiter
+
+    clock = FakeClock()
+    monkeypatch.setattr(_faults, "clock", clock)
+    limiter = AsyncRedisTokenBucketLimiter.from_url(
+        fresh_redis_server.url, 10, 10, on_error="raise", timeout=0.5
+    )
+    fresh_redis_server.stop()  # Redis is down for the whole run
+    middleware = RateLimitMiddleware(hello, limiter, key=lambda scope: "k")
+    statuses = []
+    try:
+        async with client(middleware) as c:
+            with caplog.at_level(logging.WARNING, logger="ttlstore"):
+                for _ in range(1_000):
+                    statuses.append((await c.get("/")).status_code)
+                    clock.advance(1 / 16)  # 1 000 requests over 62.5 s: 160 per 10 s
+    finally:
+        await limiter.client.aclose()
+    assert set(statuses) == {503}
+    assert fault_counts(caplog.records, "RateLimitMiddleware") == [1] + [160] * 6
+    ours = [r.getMessage() for r in caplog.records if r.getMessage().startswith("RateLimit")]
+    assert all("Redis failed" in message for message in ours)
+    assert middleware.faults == 1_000
+    # The limiter's own fault log (on the real clock) is one component too: one line so far.
+    assert sum("AsyncRedisTokenBucketLimiter" in r.getMessage() for r in caplog.records) <= 2

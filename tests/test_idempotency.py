@@ -9,6 +9,7 @@ two live owners and that every replay is what the key's owner completed.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import os
@@ -21,7 +22,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, multiple, rule
 
-from tests._support import AsyncStore
+from tests._support import AsyncStore, fault_counts
+from ttlstore import _faults
+from ttlstore._errors import BackendUnavailable
 from ttlstore.idempotency import (
     AsyncIdempotencyBackend,
     Busy,
@@ -37,6 +40,7 @@ from ttlstore.idempotency import (
     as_async_backend,
     idempotent,
 )
+from ttlstore.records import StoredResponse
 from ttlstore.sweeper import AsyncSweeper, Sweeper
 from ttlstore.testing import FakeClock
 
@@ -284,7 +288,7 @@ async def test_one_async_sweeper_reclaims_both_stores(clock: FakeClock) -> None:
     assert await sweeper.sweep() == 2
     # Reclaimed by the sweeper, not by a read: the raw stores are already empty.
     assert repr(records).startswith("<TTLStore stored=0")
-    assert repr(claims).startswith("<TTLStore stored=0")
+    assert repr(claims).startswith("<claims stored=0")
     assert store.stats().lease_expiries == 1
 
 
@@ -560,7 +564,7 @@ def test_a_failing_backend_does_not_hide_the_result(caplog: pytest.LogCaptureFix
         assert fn() == "value"
         with pytest.raises(ValueError, match="own error"):
             fails()
-    assert caplog.text.count("could not end the claim") == 2
+    assert caplog.text.count("failed to end the claim") == 2
 
 
 @pytest.mark.parametrize(
@@ -896,3 +900,114 @@ TestIdempotencyMachine = IdempotencyMachine.TestCase
 TestIdempotencyMachine.settings = settings(max_examples=EXAMPLES, stateful_step_count=40)
 TestTightIdempotencyMachine = TightIdempotencyMachine.TestCase
 TestTightIdempotencyMachine.settings = settings(max_examples=EXAMPLES, stateful_step_count=40)
+
+
+# ---------------------------------------------------------------------- the lease left
+
+
+def test_in_progress_tells_the_lease_left(clock: FakeClock) -> None:
+    store = IdempotencyStore(lease=60, clock=clock)
+    claim(store, "k")
+    clock.advance(15)
+    outcome = store.begin("k", "fp")
+    assert isinstance(outcome, InProgress)
+    assert outcome.retry_after == pytest.approx(45)
+    assert outcome == InProgress()  # the hint is no part of the outcome's identity
+
+
+# ---------------------------------------------------------------------- the tables' views
+
+
+def test_the_tables_are_read_only_views_under_the_stores_lock(clock: FakeClock) -> None:
+    store = IdempotencyStore(ttl=100, lease=10, clock=clock)
+    store.complete("done", claim(store, "done"), "r")
+    claim(store, "running")
+    records, claims = store.stores
+    assert records.threadsafe and claims.threadsafe
+    assert list(records) == ["done"] and "running" in claims and len(claims) == 1
+    assert records.ttl("done") == pytest.approx(100) and claims.ttl("running") == 10
+    assert records.maxsize == store.maxsize and claims.default_ttl == store.lease
+    assert not hasattr(records, "set") and not hasattr(claims, "__delitem__")
+    assert store.stores is store.stores  # the same views: a sweeper's weak references hold
+    clock.advance(100)
+    assert Sweeper(*store.stores).sweep() == 2
+    assert store.stats().lease_expiries == 1
+
+
+def test_an_unlocked_stores_tables_are_refused_by_a_thread_sweeper() -> None:
+    store = IdempotencyStore(threadsafe=False)
+    assert not any(table.threadsafe for table in store.stores)
+    with pytest.raises(ValueError, match="threadsafe"):
+        Sweeper(*store.stores)
+
+
+# ---------------------------------------------------------------------- objects per entry
+
+
+def tracked_objects_per_entry(fill: Any, n: int = 2_000) -> float:
+    """How many objects the cyclic GC tracks per entry ``fill(i)`` adds."""
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(n):
+        fill(i)
+    # Tuples of untracked objects leave the GC's lists during a collection (one per level).
+    for _ in range(3):
+        gc.collect()
+    return (len(gc.get_objects()) - before) / n
+
+
+def test_a_record_costs_the_gc_one_object() -> None:
+    store = IdempotencyStore(maxsize=10_000)
+    headers = ((b"content-type", b"application/json"), (b"content-length", b"2"))
+
+    def fill(i: int) -> None:
+        key = f"k{i}"
+        response = StoredResponse(201, tuple((n, v) for n, v in headers), b"{}")
+        assert store.complete(key, claim(store, key, "f" * 64), response)
+
+    # The store's own entry; the record, the response and its headers are untracked tuples.
+    assert tracked_objects_per_entry(fill) <= 1.01
+    replay = store.begin("k7", "f" * 64)
+    assert isinstance(replay, Replay)
+    assert replay.result == StoredResponse(201, headers, b"{}")
+
+
+def test_a_claim_costs_the_gc_one_object() -> None:
+    store = IdempotencyStore(maxsize=10_000)
+    assert tracked_objects_per_entry(lambda i: claim(store, f"c{i}")) <= 1.01
+
+
+# ---------------------------------------------------------------------- quiet logs in an outage
+
+
+def test_an_outage_logs_one_line_per_interval_with_the_count(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(_faults, "clock", clock)
+
+    class Fails:
+        """A backend that goes down after handing out each claim."""
+
+        def begin(self, key: str, fingerprint: str) -> Outcome[Any]:
+            return Started("t")
+
+        def complete(self, key: str, token: str, result: Any) -> bool:
+            raise BackendUnavailable("Redis failed to complete: timeout")
+
+        def release(self, key: str, token: str) -> bool:
+            raise BackendUnavailable("Redis failed to release: timeout")
+
+    @idempotent(Fails(), key=str, namespace="orders")
+    def create(n: int) -> int:
+        return n
+
+    with caplog.at_level(logging.WARNING, logger="ttlstore"):
+        for i in range(1_000):
+            assert create(i) == i  # the call's own result still stands
+            clock.advance(1 / 16)  # 1 000 calls over 62.5 s: 160 per 10 s
+    assert fault_counts(caplog.records, "@idempotent") == [1] + [160] * 6  # not one per call
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("@idempotent")]
+    assert all("Redis failed to complete" in line for line in lines)
+    assert "key '960'" in lines[-1]  # the last error
+    assert not any(record.exc_info for record in caplog.records)

@@ -14,6 +14,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from ttlstore._errors import BackendUnavailable
+from ttlstore._faults import FaultLog
 from ttlstore.idempotency import (
     AsyncIdempotencyBackend,
     Busy,
@@ -106,20 +108,30 @@ def _answer(outcome: Outcome[Any], key: str, wait: bool) -> Any:
     raise TypeError(f"begin() answered {outcome!r} for key {key!r}, which is no Outcome")
 
 
-def _warn_unless_stored(stored: bool, key: str) -> None:
-    """Log a ``complete`` the backend refused: the token had lost the key, nothing was kept."""
-    if not stored:
-        logger.warning(
-            "idempotent: the claim on key %r ended before the call finished (lease too "
-            "short?); its result was not stored",
-            key,
-        )
+class _Faults:
+    """The two fault logs of one decorated function: at most one line per interval each, so
+    a backend outage (or a lease too short for every call) cannot flood the logs."""
 
+    __slots__ = ("late", "store")
 
-def _settle_failed(key: str) -> None:
-    """Log a backend fault while ending a claim. The call's own outcome still stands: the
-    function ran, so its caller gets its value or error, and the claim ends with its lease."""
-    logger.exception("idempotent: could not end the claim on key %r", key)
+    def __init__(self, name: str) -> None:
+        self.store = FaultLog(f"@idempotent {name}: the idempotency store failed")
+        self.late = FaultLog(f"@idempotent {name}")
+
+    def unless_stored(self, stored: bool, key: str) -> None:
+        """Log a ``complete`` the backend refused: the token had lost the key."""
+        if not stored:
+            self.late.log(
+                f"the claim on key {key!r} ended before the call finished (lease too short?); "
+                "its result was not stored"
+            )
+
+    def settle_failed(self, error: Exception, key: str) -> None:
+        """Log a backend fault while ending a claim. The call's own outcome still stands: the
+        function ran, so its caller gets its value or error, and the claim ends with its
+        lease."""
+        traceback = not isinstance(error, BackendUnavailable)
+        self.store.log(error, f"to end the claim on key {key!r}", traceback=traceback)
 
 
 def _check_decorator_args(
@@ -140,16 +152,22 @@ def _check_decorator_args(
 
 
 class _Keys:
-    """Turns a call's arguments into (caller's key, store key, fingerprint)."""
+    """Turns a call's arguments into (caller's key, store key, fingerprint); holds the
+    function's fault logs."""
 
-    __slots__ = ("fingerprint", "key", "prefix")
+    __slots__ = ("faults", "fingerprint", "key", "prefix")
 
     def __init__(
-        self, key: Callable[..., str], fingerprint: Callable[..., str] | None, prefix: str
+        self,
+        key: Callable[..., str],
+        fingerprint: Callable[..., str] | None,
+        prefix: str,
+        faults: _Faults,
     ) -> None:
         self.key = key
         self.fingerprint = fingerprint
         self.prefix = prefix
+        self.faults = faults
 
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str, str]:
         key = self.key(*args, **kwargs)
@@ -203,7 +221,7 @@ def idempotent(
         if not callable(fn):
             raise TypeError(f"@idempotent decorates a function, got {fn!r}")
         prefix = namespace if namespace is not None else f"{fn.__module__}.{fn.__qualname__}"
-        keys = _Keys(key, fingerprint, prefix)
+        keys = _Keys(key, fingerprint, prefix, _Faults(prefix))
         if inspect.iscoroutinefunction(fn):
             wrapper: Callable[..., Any] = _async_wrapper(
                 fn, as_async_backend(store), keys, wait, store_errors
@@ -270,14 +288,16 @@ def _sync_wrapper(
         settle(key, store_key, token, Returned(value))
         return value
 
+    faults = keys.faults
+
     def settle(key: str, store_key: str, token: str, record: Returned | Raised | None) -> None:
         try:
             if record is None:
                 backend.release(store_key, token)
             else:
-                _warn_unless_stored(backend.complete(store_key, token, record), key)
-        except Exception:
-            _settle_failed(key)
+                faults.unless_stored(backend.complete(store_key, token, record), key)
+        except Exception as error:
+            faults.settle_failed(error, key)
 
     return call
 
@@ -332,6 +352,8 @@ def _async_wrapper(
         await settle(key, store_key, token, Returned(value))
         return value
 
+    faults = keys.faults
+
     async def settle(
         key: str, store_key: str, token: str, record: Returned | Raised | None
     ) -> None:
@@ -339,8 +361,8 @@ def _async_wrapper(
             if record is None:
                 await backend.release(store_key, token)
             else:
-                _warn_unless_stored(await backend.complete(store_key, token, record), key)
-        except Exception:
-            _settle_failed(key)
+                faults.unless_stored(await backend.complete(store_key, token, record), key)
+        except Exception as error:
+            faults.settle_failed(error, key)
 
     return call

@@ -13,13 +13,13 @@ of five outcomes:
 ``Busy()``          the in-flight table is full: nothing was claimed, try again shortly
 ==================  =========================================================================
 
-Two TTLStores hold the state. Completed *records* live in one (``ttl``, LRU-bounded by
-``maxsize``); running *claims* live in another (TTL ``lease``, bounded by ``max_inflight``) that
-is never evicted to make room: when it is full, :meth:`~IdempotencyStore.begin` answers
-``Busy`` instead of dropping a running claim, so a key is never run twice at once because the
-store was full. A claim whose owner never finishes expires with its lease; a token belongs to
-one claim only, so an owner whose lease ran out can neither complete nor release a later
-owner's claim.
+Two tables hold the state. Completed *records* live in a TTLStore (``ttl``, LRU-bounded by
+``maxsize``); running *claims* live in a table of their own (each for one ``lease``, bounded by
+``max_inflight``) that is never evicted to make room: when it is full,
+:meth:`~IdempotencyStore.begin` answers ``Busy`` instead of dropping a running claim, so a key
+is never run twice at once because the store was full. A claim whose owner never finishes
+expires with its lease; a token belongs to one claim only, so an owner whose lease ran out can
+neither complete nor release a later owner's claim.
 
 :func:`idempotent` wraps sync and async functions; :class:`IdempotencyBackend` and
 :class:`AsyncIdempotencyBackend` are the seam through which it (and
@@ -35,12 +35,14 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeAlias, TypeVar, cast
 
 from ttlstore._checks import positive_int, positive_seconds, ttl_or_none
-from ttlstore.store import TTLStore
+from ttlstore.records import StoredResponse
+from ttlstore.store import StoreStats, TTLStore
 
 __all__ = [
     "AsyncIdempotencyBackend",
@@ -88,6 +90,10 @@ class Replay(Generic[R]):
 class InProgress:
     """Another owner holds the key with the same fingerprint and has not finished yet."""
 
+    retry_after: float | None = field(default=None, compare=False)
+    """Seconds until the owner's claim runs out unless it finishes first (its lease left), if
+    the backend knows; ``None`` if not. Not part of equality: ``InProgress()`` matches any."""
+
 
 @dataclass(frozen=True, slots=True)
 class Mismatch:
@@ -102,7 +108,6 @@ class Busy:
 Outcome: TypeAlias = Started | Replay[R] | InProgress | Mismatch | Busy
 """What :meth:`IdempotencyBackend.begin` answers."""
 
-_IN_PROGRESS = InProgress()
 _MISMATCH = Mismatch()
 _BUSY = Busy()
 
@@ -266,20 +271,225 @@ class IdempotencyStats:
     """Live claims now."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Claim:
-    fingerprint: str
-    token: str
+# A record is ``(fingerprint, result)``, or ``(fingerprint, status, headers, body)`` for a
+# StoredResponse; a claim is ``(fingerprint, token)``. Exact tuples of strings, bytes and ints
+# are untracked by CPython's cyclic GC, so a full store costs a full collection one object per
+# entry (the store's own), not three.
+_Record: TypeAlias = tuple[Any, ...]
+
+# Tokens are drawn from the OS's CSPRNG this many at a time: one os.urandom() call per batch
+# instead of one per claim (a system call costs more than the rest of begin()).
+_TOKEN_BATCH = 64
 
 
-@dataclass(frozen=True, slots=True)
-class _Record:
-    fingerprint: str
-    result: Any
+_as_response = tuple.__new__
+
+
+def _result(record: _Record) -> Any:
+    if len(record) == 4:
+        return _as_response(StoredResponse, record[1:])
+    return record[1]
+
+
+class _Claims:
+    """The running claims of an :class:`IdempotencyStore`: key -> (fingerprint, token, deadline).
+
+    Every claim gets the same lease, so on a monotonic clock the order claims are made in is
+    the order they fall due: an ``OrderedDict`` in claim order finds due claims at its front,
+    O(1) each, and a claim costs three dict operations over its life. A claim is never evicted
+    (the store answers ``Busy`` at the bound instead). Unlocked: the store's lock guards it,
+    and the store reads and writes :attr:`data` itself on its hot paths. Reads offer what a
+    swept, inspected table needs (as :class:`~ttlstore.TTLStore` does).
+    """
+
+    __slots__ = ("_clock", "_expirations", "data", "lease", "maxsize")
+
+    def __init__(self, maxsize: int, lease: float, clock: Callable[[], float]) -> None:
+        self.maxsize = maxsize
+        self.lease = lease
+        self._clock = clock
+        self.data: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
+        self._expirations = 0
+
+    def drop(self, key: str) -> None:
+        """Reclaim the claim on ``key``, found past its deadline."""
+        del self.data[key]
+        self._expirations += 1
+
+    def full(self, now: float) -> bool:
+        """Whether ``maxsize`` live claims are held, after reclaiming due ones. O(1) amortized."""
+        if len(self.data) < self.maxsize:
+            return False
+        self._expire(None, now)
+        return len(self.data) >= self.maxsize
+
+    def _expire(self, limit: int | None, now: float) -> int:
+        data = self.data
+        done = 0
+        while data and (limit is None or done < limit):
+            key, claim = next(iter(data.items()))
+            if claim[2] > now:
+                break
+            del data[key]
+            done += 1
+        self._expirations += done
+        return done
+
+    # ------------------------------------------------------------ reads, for the view
+
+    def expire(self, limit: int | None = None) -> int:
+        """Reclaim up to ``limit`` due claims (all if None); return how many. O(k)."""
+        return self._expire(limit, self._clock())
+
+    def ttl(self, key: str) -> float:
+        """Seconds left of the claim on ``key``; ``KeyError`` if there is none."""
+        now = self._clock()
+        claim = self.data.get(key)
+        if claim is None or claim[2] <= now:
+            raise KeyError(key)
+        return claim[2] - now
+
+    def peek(self, key: str, default: Any = None) -> Any:
+        """``(fingerprint, token)`` of the live claim on ``key``, else ``default``."""
+        claim = self.data.get(key)
+        return claim[:2] if claim is not None and claim[2] > self._clock() else default
+
+    def live_count(self) -> int:
+        """Live claims, counted without reclaiming due ones. O(k) for k due claims."""
+        now = self._clock()
+        due = 0
+        for claim in self.data.values():  # in deadline order: the due ones come first
+            if claim[2] > now:
+                break
+            due += 1
+        return len(self.data) - due
+
+    def stats(self) -> StoreStats:
+        """Claims reclaimed after their lease ran out (``expirations``) and live claims
+        (``size``) as a :class:`~ttlstore.StoreStats`; the store's own ``stats()`` counts the
+        rest. Reclaims nothing."""
+        return StoreStats(
+            hits=0,
+            misses=0,
+            writes=0,
+            expirations=self._expirations,
+            evictions=0,
+            deletions=0,
+            replacements=0,
+            size=self.live_count(),
+            weight=0,
+        )
+
+    @property
+    def default_ttl(self) -> float:
+        return self.lease
+
+    def __contains__(self, key: object) -> bool:
+        claim = self.data.get(key)  # type: ignore[call-overload]
+        return claim is not None and claim[2] > self._clock()
+
+    def __len__(self) -> int:
+        self._expire(None, self._clock())
+        return len(self.data)
+
+    def __iter__(self) -> Iterator[str]:
+        self._expire(None, self._clock())
+        return iter(list(self.data))
+
+    def __repr__(self) -> str:
+        # Counts what is held, due claims included: repr must not reclaim.
+        return f"<claims stored={len(self.data)} maxsize={self.maxsize} lease={self.lease:g}>"
+
+
+_Table: TypeAlias = "TTLStore[str, Any] | _Claims"
+
+
+class _StoreView(Mapping[str, Any]):
+    """One of an :class:`IdempotencyStore`'s two tables, every method under the store's lock.
+
+    What :attr:`IdempotencyStore.stores` hands out: a read-only mapping with ``expire`` (for a
+    ``Sweeper`` or ``AsyncSweeper``), ``ttl``, ``peek`` and ``stats``, so the tables can be
+    swept and inspected without ever being changed behind the store's back.
+    """
+
+    __slots__ = ("__weakref__", "_lock", "_store")
+
+    def __init__(self, store: _Table, lock: threading.Lock | None) -> None:
+        self._store = store
+        self._lock = lock
+
+    def expire(self, limit: int | None = None) -> int:
+        """Reclaim up to ``limit`` due entries now (all if ``None``); return how many."""
+        with self._locked():
+            return self._store.expire(limit)
+
+    def ttl(self, key: str) -> float | None:
+        """Seconds left before ``key`` expires; ``KeyError`` if it is absent or expired."""
+        with self._locked():
+            return self._store.ttl(key)
+
+    def peek(self, key: str, default: Any = None) -> Any:
+        """The value of ``key`` without touching recency, or ``default``."""
+        with self._locked():
+            return self._store.peek(key, default)
+
+    def stats(self) -> StoreStats:
+        """The table's counters; reclaims nothing."""
+        with self._locked():
+            return self._store.stats()
+
+    def live_count(self) -> int:
+        """Live entries, counted without reclaiming due ones."""
+        with self._locked():
+            return self._store.live_count()
+
+    @property
+    def maxsize(self) -> int:
+        """The most entries the table holds."""
+        return self._store.maxsize
+
+    @property
+    def default_ttl(self) -> float | None:
+        """The table's TTL: ``ttl`` for records, ``lease`` for claims."""
+        return self._store.default_ttl
+
+    @property
+    def threadsafe(self) -> bool:
+        """Whether every method runs under the store's lock."""
+        return self._lock is not None
+
+    def __getitem__(self, key: str) -> Any:
+        with self._locked():
+            value = self._store.peek(key, _ABSENT)
+        if value is _ABSENT:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        with self._locked():
+            return key in self._store
+
+    def __len__(self) -> int:
+        with self._locked():
+            return len(self._store)
+
+    def __iter__(self) -> Iterator[str]:
+        with self._locked():
+            return iter(list(self._store))
+
+    def _locked(self) -> threading.Lock | contextlib.nullcontext[None]:
+        return contextlib.nullcontext() if self._lock is None else self._lock
+
+    def __repr__(self) -> str:
+        with self._locked():
+            return repr(self._store)
+
+
+_ABSENT: Any = object()
 
 
 class IdempotencyStore:
-    """In-memory idempotency records and claims, built on two :class:`~ttlstore.TTLStore`.
+    """In-memory idempotency records (a :class:`~ttlstore.TTLStore`) and running claims.
 
     :param ttl: seconds a completed result is kept (``None``: until evicted).
     :param maxsize: the most completed results kept; the least recently used goes first.
@@ -292,8 +502,9 @@ class IdempotencyStore:
     :param threadsafe: each method is atomic under one lock; ``False`` for one thread or one
         event loop only (then sweep with an ``AsyncSweeper`` on that loop, not a ``Sweeper``).
 
-    Every method is O(1) amortized. Memory is bounded by ``maxsize`` records plus
-    ``max_inflight`` claims; each record holds whatever result its owner stored.
+    Every method is O(1) amortized and takes the store's lock once: the two tables inside are
+    unlocked, and only this one lock guards them. Memory is bounded by ``maxsize`` records
+    plus ``max_inflight`` claims; each record holds whatever result its owner stored.
     """
 
     __slots__ = (
@@ -301,6 +512,7 @@ class IdempotencyStore:
         "_busy",
         "_claims",
         "_claims_started",
+        "_clock",
         "_completions",
         "_conflicts",
         "_lock",
@@ -309,6 +521,8 @@ class IdempotencyStore:
         "_releases",
         "_replays",
         "_stale",
+        "_tokens",
+        "_views",
     )
 
     def __init__(
@@ -326,16 +540,18 @@ class IdempotencyStore:
         positive_int("maxsize", maxsize)
         inflight = maxsize if max_inflight is None else max_inflight
         positive_int("max_inflight", inflight)
+        if not isinstance(threadsafe, bool):
+            raise TypeError(f"threadsafe must be a bool, got {threadsafe!r}")
+        # Unlocked tables: begin() and complete() read one and write the other, so this
+        # store's one lock must guard both anyway, and theirs would only be taken in vain.
         self._records: TTLStore[str, _Record] = TTLStore(
-            maxsize, ttl, clock=clock, threadsafe=threadsafe
+            maxsize, ttl, clock=clock, threadsafe=False
         )
-        self._claims: TTLStore[str, _Claim] = TTLStore(
-            inflight, lease, clock=clock, threadsafe=threadsafe
-        )
-        # One lock over both stores: begin() and complete() read one and write the other.
-        self._lock: threading.Lock | contextlib.nullcontext[None] = (
-            threading.Lock() if threadsafe else contextlib.nullcontext()
-        )
+        self._claims = _Claims(inflight, positive_seconds("lease", lease), clock)
+        self._clock = clock
+        self._lock: threading.Lock | None = threading.Lock() if threadsafe else None
+        self._views = (_StoreView(self._records, self._lock), _StoreView(self._claims, self._lock))
+        self._tokens: list[str] = []
         self._claims_started = self._replays = self._conflicts = self._mismatches = 0
         self._busy = self._completions = self._releases = self._stale = 0
 
@@ -343,37 +559,52 @@ class IdempotencyStore:
         """Claim ``key`` for a request with ``fingerprint``, or say why not. O(1) amortized.
 
         A stored record wins (``Replay``, or ``Mismatch`` for another fingerprint), then a
-        running claim (``InProgress``, or ``Mismatch``), then the in-flight bound (``Busy``).
-        Otherwise the caller gets ``Started`` with a fresh unguessable token.
+        running claim (``InProgress`` with the lease it has left, or ``Mismatch``), then the
+        in-flight bound (``Busy``). Otherwise the caller gets ``Started`` with a fresh
+        unguessable token.
         """
-        if not isinstance(key, str):
+        if type(key) is not str and not isinstance(key, str):
             raise TypeError(f"key must be a str, got {key!r}")
-        if not isinstance(fingerprint, str):
+        if type(fingerprint) is not str and not isinstance(fingerprint, str):
             raise TypeError(f"fingerprint must be a str, got {fingerprint!r}")
-        with self._lock:
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
             record = self._records.get(key)
             if record is not None:
-                if record.fingerprint != fingerprint:
+                if record[0] != fingerprint:
                     self._mismatches += 1
                     return _MISMATCH
                 self._replays += 1
-                return Replay(record.result)
-            claim = self._claims.peek(key)
+                return Replay(_result(record))
+            claims = self._claims
+            data = claims.data
+            now = self._clock()
+            claim = data.get(key)
             if claim is not None:
-                if claim.fingerprint != fingerprint:
-                    self._mismatches += 1
-                    return _MISMATCH
-                self._conflicts += 1
-                return _IN_PROGRESS
-            # len() reclaims expired claims first, so only live ones count against the bound.
-            # Checking here, rather than letting set() evict, is what keeps running claims.
-            if len(self._claims) >= self._claims.maxsize:
+                if claim[2] > now:
+                    if claim[0] != fingerprint:
+                        self._mismatches += 1
+                        return _MISMATCH
+                    self._conflicts += 1
+                    return InProgress(claim[2] - now)
+                claims.drop(key)  # its lease ran out: the key is free again
+            # Checked here rather than by making room: a running claim is never dropped.
+            if len(data) >= claims.maxsize and claims.full(now):
                 self._busy += 1
                 return _BUSY
-            token = secrets.token_hex(16)
-            self._claims.set(key, _Claim(fingerprint, token))
+            tokens = self._tokens
+            if not tokens:
+                pool = secrets.token_hex(16 * _TOKEN_BATCH)
+                tokens += [pool[i : i + 32] for i in range(0, len(pool), 32)]
+            token = tokens.pop()
+            data[key] = (fingerprint, token, now + claims.lease)
             self._claims_started += 1
             return Started(token)
+        finally:
+            if lock is not None:
+                lock.release()
 
     def complete(self, key: str, token: str, result: Any) -> bool:
         """Store ``result`` for ``key`` (for ``ttl``) and end the claim. O(1) amortized.
@@ -381,39 +612,48 @@ class IdempotencyStore:
         Returns False, storing nothing, if ``token`` no longer owns ``key`` (its lease ran out,
         it was completed or released already, or it never did).
         """
-        with self._lock:
-            claim = self._owned(key, token)
-            if claim is None:
-                return False
-            del self._claims[key]
-            self._records.set(key, _Record(claim.fingerprint, result))
-            self._completions += 1
-            return True
+        return self._end(key, token, result)
 
     def release(self, key: str, token: str) -> bool:
         """End the claim on ``key`` without storing anything, so a retry runs again. O(1).
 
         Returns False if ``token`` no longer owns ``key``.
         """
-        with self._lock:
-            if self._owned(key, token) is None:
-                return False
-            del self._claims[key]
-            self._releases += 1
-            return True
+        return self._end(key, token, _ABSENT)
 
-    def _owned(self, key: str, token: str) -> _Claim | None:
-        """The live claim on ``key`` if ``token`` owns it, else None (counted as stale)."""
-        claim = self._claims.peek(key)
-        if claim is None or claim.token != token:
-            self._stale += 1
-            return None
-        return claim
+    def _end(self, key: str, token: str, result: Any) -> bool:
+        """End the claim if ``token`` owns it, storing ``result`` unless it is ``_ABSENT``."""
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            data = self._claims.data
+            claim = data.get(key)
+            if claim is None or claim[1] != token or claim[2] <= self._clock():
+                self._stale += 1
+                return False
+            del data[key]
+            if result is _ABSENT:
+                self._releases += 1
+                return True
+            # A StoredResponse (a tuple) flattens into the record: one object for the GC less.
+            self._records[key] = (
+                (claim[0], *result) if type(result) is StoredResponse else (claim[0], result)
+            )
+            self._completions += 1
+            return True
+        finally:
+            if lock is not None:
+                lock.release()
 
     @property
-    def stores(self) -> tuple[TTLStore[str, Any], TTLStore[str, Any]]:
-        """The records store and the claims store, to hand to a ``Sweeper``/``AsyncSweeper``."""
-        return self._records, self._claims
+    def stores(self) -> tuple[_StoreView, _StoreView]:
+        """The records table and the claims table, to hand to a ``Sweeper``/``AsyncSweeper``.
+
+        Read-only views that take this store's lock: ``expire``, ``ttl``, ``peek``, ``stats``,
+        ``len``, ``in`` and iteration, nothing that writes.
+        """
+        return self._views
 
     @property
     def ttl(self) -> float | None:
@@ -423,9 +663,7 @@ class IdempotencyStore:
     @property
     def lease(self) -> float:
         """Seconds a claim lasts without complete or release."""
-        lease = self._claims.default_ttl
-        assert lease is not None  # checked in __init__
-        return lease
+        return self._claims.lease
 
     @property
     def maxsize(self) -> int:
@@ -437,9 +675,18 @@ class IdempotencyStore:
         """The most claims held at once."""
         return self._claims.maxsize
 
+    @property
+    def threadsafe(self) -> bool:
+        """Whether every method runs under the store's lock."""
+        return self._lock is not None
+
     def stats(self) -> IdempotencyStats:
-        """An immutable snapshot of the counters, after reclaiming due entries. O(1) amortized."""
-        with self._lock:
+        """An immutable snapshot of the counters, taken at one instant. Reclaims nothing: a
+        dashboard polling it leaves due entries to the sweeper. O(k) for k due entries."""
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
             records, claims = self._records.stats(), self._claims.stats()
             return IdempotencyStats(
                 claims=self._claims_started,
@@ -457,6 +704,9 @@ class IdempotencyStore:
                 records=records.size,
                 inflight=claims.size,
             )
+        finally:
+            if lock is not None:
+                lock.release()
 
     def __repr__(self) -> str:
         ttl = "None" if self.ttl is None else f"{self.ttl:g}"

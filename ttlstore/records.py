@@ -8,14 +8,17 @@ encode and decode what :class:`~ttlstore.asgi.IdempotencyMiddleware` and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["Raised", "Returned", "StoredResponse"]
 
 
-@dataclass(frozen=True, slots=True)
-class StoredResponse:
-    """A complete response kept for replay: status, the app's headers, and the whole body."""
+class StoredResponse(NamedTuple):
+    """A complete response kept for replay: status, the app's headers, and the whole body.
+
+    A named tuple: immutable, and built for every first request and every replay at half the
+    cost of a frozen dataclass.
+    """
 
     status: int
     headers: tuple[tuple[bytes, bytes], ...]

@@ -8,32 +8,29 @@
 from __future__ import annotations
 
 import hashlib
-import logging
+import math
 import re
-from collections.abc import Callable, Collection, Iterable
+import struct
+from collections.abc import Callable, Collection, Coroutine, Iterable
+from typing import Any, cast
 
 import http_sf
 
 from ttlstore._checks import positive_int
 from ttlstore._errors import BackendUnavailable
-from ttlstore.asgi._http import (
-    ASGIApp,
-    Message,
-    Receive,
-    Scope,
-    Send,
-    get_header,
-    send_problem,
-)
+from ttlstore._faults import FaultLog
+from ttlstore.asgi._http import ASGIApp, Message, Receive, Scope, Send, send_problem
 from ttlstore.idempotency import (
     AsyncIdempotencyBackend,
     Busy,
     IdempotencyBackend,
     InProgress,
     Mismatch,
+    Outcome,
     Replay,
     Started,
     as_async_backend,
+    is_async_backend,
 )
 from ttlstore.records import StoredResponse
 
@@ -42,12 +39,9 @@ __all__ = [
     "DEFAULT_MAX_RESPONSE",
     "DEFAULT_STORE_STATUSES",
     "IdempotencyMiddleware",
+    "fingerprint",
     "parse_idempotency_key",
 ]
-
-logger = logging.getLogger("ttlstore")
-
-# ====================================================================== idempotency
 
 DEFAULT_MAX_BODY = 1 << 20
 """Largest request body (bytes) accepted with an idempotency key: 1 MiB."""
@@ -66,17 +60,28 @@ run again rather than replay the failure for the record's whole TTL. Pass
 MAX_KEY_LENGTH = 255
 """Longest idempotency key accepted, in characters."""
 
-# Retry-After on 409 and 503: a held key frees as soon as its request ends, usually well before
-# its lease, so a short hint serves clients better than the lease's worst case.
+# A 409's Retry-After is at most a day, even for a backend configured with a longer lease.
+_RETRY_AFTER_MAX = 86_400
+
+# Retry-After on 503, and on a 409 whose owner runs in this process: a held key frees as soon
+# as its request ends, usually well before its lease, so a short hint serves clients better.
 _RETRY_AFTER = (b"retry-after", b"1")
+_REPLAYED = (b"idempotent-replayed", b"true")
 
 # RFC 9110 token characters: a bare key such as a UUID that does not parse as a structured
 # field item (one starting with a digit parses as an Integer or fails) is accepted as a token.
 _TCHARS = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
+# A String of printable ASCII without escapes: what http_sf parses to exactly the characters
+# between the quotes. Together with _TCHARS this is every key a client actually sends.
+_PLAIN_STRING = re.compile(rb'"([ !#-\[\]-~]*)"')
+
 # Prefix of every lookup key this middleware builds, so that a store it shares with
 # @idempotent (whose keys start with a function's name) never mixes the two.
 _NAMESPACE = "asgi"
+
+_LENGTH = struct.Struct(">Q").pack
+_blake2b = hashlib.blake2b
 
 
 def parse_idempotency_key(value: bytes) -> str | None:
@@ -86,10 +91,26 @@ def parse_idempotency_key(value: bytes) -> str | None:
     bare run of RFC 9110 token characters (``8e03978e-40d5``); parameters are ignored, as none
     are defined for this field. The key must have 1 to :data:`MAX_KEY_LENGTH` characters.
     Several field lines, combined with commas, are malformed. O(len(value)).
+
+    A plain quoted string (printable ASCII, no escapes) and a bare run of token characters
+    are read directly; anything else goes through ``http_sf``. Both paths give the same
+    answer for every value (a property test compares them).
     """
     stripped = value.strip(b" \t")
+    plain = _PLAIN_STRING.fullmatch(stripped)
+    if plain is not None:
+        raw = plain.group(1)
+    elif _TCHARS.fullmatch(stripped) is not None:
+        raw = stripped
+    else:
+        return _parse_structured(stripped)
+    return raw.decode("ascii") if 1 <= len(raw) <= MAX_KEY_LENGTH else None
+
+
+def _parse_structured(stripped: bytes) -> str | None:
+    """:func:`parse_idempotency_key` by ``http_sf``, for every value the fast paths skip."""
     try:
-        parsed = http_sf.parse(stripped, tltype="item")
+        parsed = http_sf.parse(bytes(stripped), tltype="item")
     except http_sf.StructuredFieldError:
         parsed = None
     item = parsed[0] if isinstance(parsed, tuple) else None
@@ -104,35 +125,39 @@ def parse_idempotency_key(value: bytes) -> str | None:
     return key if 1 <= len(key) <= MAX_KEY_LENGTH else None
 
 
-def _field_value(scope: Scope, name: bytes) -> bytes | None:
-    """All lines of header ``name`` combined with ", " as RFC 9110 does, or None. O(h)."""
-    values = [bytes(value) for key, value in scope.get("headers", ()) if key.lower() == name]
-    return b", ".join(values) if values else None
+def fingerprint(method: str, path: bytes, query: bytes, body: bytes) -> str:
+    """BLAKE2b-128 (hex) over method, path, query and body, each prefixed with its length as 8
+    big-endian bytes, so that none can bleed into the next. O(len(body)).
 
-
-def _fingerprint(scope: Scope, body: bytes) -> str:
-    """SHA-256 over method, path, query and body, each length-prefixed so none can bleed into
-    the next. The raw path is used when the server gives it: ``/a%2Fb`` is not ``/a/b``."""
-    path = scope.get("raw_path") or scope["path"].encode("utf-8")
-    digest = hashlib.sha256()
-    for part in (scope["method"].encode("ascii"), path, scope.get("query_string", b""), body):
-        digest.update(len(part).to_bytes(8, "big"))
-        digest.update(part)
+    A cryptographic hash, so two requests share a fingerprint only by design; BLAKE2b rather
+    than SHA-256 because it costs a third less on the small bodies an API sees.
+    """
+    verb = method.encode("ascii")
+    digest = _blake2b(
+        b"".join(
+            (
+                _LENGTH(len(verb)),
+                verb,
+                _LENGTH(len(path)),
+                path,
+                _LENGTH(len(query)),
+                query,
+                _LENGTH(len(body)),
+            )
+        ),
+        digest_size=16,
+    )
+    digest.update(body)
     return digest.hexdigest()
-
-
-def _declared_length(scope: Scope) -> int | None:
-    """The request's Content-Length, or None if absent or not a plain decimal number."""
-    value = get_header(scope, b"content-length")
-    return int(value) if value is not None and value.isdigit() else None
 
 
 class _BodyTooLarge(Exception):
     """The request body outgrew ``max_body`` while it was being read."""
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    """The whole request body, or None if the client disconnected first.
+async def _read_body(receive: Receive, message: Message, limit: int) -> bytes | None:
+    """The whole request body, starting from its first ``message``; None if the client
+    disconnected first.
 
     Raises :class:`_BodyTooLarge` as soon as more than ``limit`` bytes have arrived, so at
     most ``limit`` bytes (plus one chunk) are ever held.
@@ -140,87 +165,180 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
     chunks: list[bytes] = []
     size = 0
     while True:
-        message = await receive()
         if message["type"] == "http.disconnect":
             return None
-        if message["type"] != "http.request":
-            continue
-        chunk = bytes(message.get("body", b""))
-        size += len(chunk)
-        if size > limit:
-            raise _BodyTooLarge
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+        if message["type"] == "http.request":
+            chunk = bytes(message.get("body", b""))
+            size += len(chunk)
+            if size > limit:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+        message = await receive()
 
 
-def _replaying(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that hands the app the already-read body, then defers to the server's."""
-    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+class _Shared:
+    """What every run of one middleware shares: the store (sync, or async), the response
+    limit, the statuses to store, and the fault logs."""
 
-    async def receive_body() -> Message:
-        if pending:
-            return pending.pop()
-        return await receive()  # http.disconnect, for apps that watch for it
+    __slots__ = ("async_store", "faults", "late", "limit", "statuses", "sync_store")
 
-    return receive_body
-
-
-class _Recorder:
-    """Keeps a copy of a response as it streams by, up to ``limit`` bytes of headers and body.
-
-    The response itself is never held back: each message is forwarded as it comes. A response
-    that outgrows the limit, has a status not to be stored, or uses a message the recorder
-    cannot capture (trailers, ``http.response.pathsend``) drops its copy and is not stored.
-    """
-
-    __slots__ = ("chunks", "headers", "limit", "size", "status", "statuses", "storable")
-
-    def __init__(self, limit: int, statuses: frozenset[int]) -> None:
+    def __init__(
+        self,
+        store: IdempotencyBackend[StoredResponse] | AsyncIdempotencyBackend[StoredResponse],
+        limit: int,
+        statuses: frozenset[int],
+    ) -> None:
+        # A sync backend (the in-memory store) is called inline, without a coroutine around
+        # each call; an async one is awaited.
+        self.sync_store: IdempotencyBackend[StoredResponse] | None = (
+            None if is_async_backend(store, "store") else cast("IdempotencyBackend[Any]", store)
+        )
+        self.async_store = as_async_backend(store, name="store")
         self.limit = limit
         self.statuses = statuses
-        self.status: int | None = None
+        self.faults = FaultLog("IdempotencyMiddleware: the idempotency store failed")
+        self.late = FaultLog("IdempotencyMiddleware")
+
+    def late_claim(self, lookup: str) -> None:
+        self.late.log(
+            f"the claim on {lookup!r} ran out before the response was complete (lease "
+            "shorter than the request?); it was not stored"
+        )
+
+    def failed(self, error: Exception, action: str) -> None:
+        # Expected while a shared backend is down: counted, and logged once per interval.
+        self.faults.log(error, action, traceback=not isinstance(error, BackendUnavailable))
+
+
+class _Run:
+    """One request run by its key's owner: hands the app the body already read, forwards the
+    response as it streams by while keeping a copy of at most ``limit`` bytes of headers and
+    body, and ends the claim exactly once.
+
+    The response itself is never held back. A response that outgrows the limit, has a status
+    not to be stored, or uses a message the copy cannot capture (trailers,
+    ``http.response.pathsend``) drops its copy and releases the key.
+    """
+
+    __slots__ = (
+        "body",
+        "chunks",
+        "headers",
+        "lookup",
+        "receive_rest",
+        "send_on",
+        "settled",
+        "shared",
+        "size",
+        "status",
+        "storable",
+        "token",
+    )
+
+    def __init__(
+        self, shared: _Shared, lookup: str, token: str, body: bytes, receive: Receive, send: Send
+    ) -> None:
+        self.shared = shared
+        self.lookup = lookup
+        self.token = token
+        self.body: bytes | None = body
+        self.receive_rest = receive
+        self.send_on = send
+        self.status = 0
         self.headers: tuple[tuple[bytes, bytes], ...] = ()
         self.chunks: list[bytes] = []
         self.size = 0
         self.storable = True
+        self.settled = False
 
-    def see(self, message: Message) -> bool:
-        """Record ``message``; return whether it is the last one of the response body."""
+    async def receive(self) -> Message:
+        """The body read before the claim, then the server's own messages (a disconnect)."""
+        body = self.body
+        if body is not None:
+            self.body = None
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await self.receive_rest()
+
+    async def send(self, message: Message) -> None:
         kind = message["type"]
-        if kind == "http.response.start":
-            self.status = int(message["status"])
-            self.headers = tuple((bytes(k), bytes(v)) for k, v in message.get("headers", ()))
-            # Headers count against the limit too: a record's size is what it holds.
-            self.size = sum(len(k) + len(v) for k, v in self.headers)
-            if (
-                self.status not in self.statuses
-                or message.get("trailers", False)
-                or self.size > self.limit
-            ):
-                self._drop()
-            return False
         if kind == "http.response.body":
             if self.storable:
-                chunk = bytes(message.get("body", b""))
+                chunk = message.get("body", b"")
                 self.size += len(chunk)
-                if self.size > self.limit:
-                    self._drop()
+                if self.size > self.shared.limit:
+                    self.drop()
                 else:
-                    self.chunks.append(chunk)
-            return not message.get("more_body", False)
-        self._drop()
-        return False
+                    self.chunks.append(chunk if type(chunk) is bytes else bytes(chunk))
+            if not message.get("more_body", False) and not self.settled:
+                # Store before the last chunk leaves: a client that disconnects now and
+                # retries gets the replay, not a second execution.
+                pending = self.settle(True)
+                if pending is not None:
+                    await pending
+        elif kind == "http.response.start":
+            self.start(message)
+        else:
+            self.drop()
+        await self.send_on(message)
 
-    def _drop(self) -> None:
+    def start(self, message: Message) -> None:
+        self.status = status = int(message["status"])
+        copied = []
+        size = 0
+        for name, value in message.get("headers", ()):
+            if type(name) is not bytes:
+                name = bytes(name)
+            if type(value) is not bytes:
+                value = bytes(value)
+            copied.append((name, value))
+            size += len(name) + len(value)
+        # An immutable copy: the app may reuse its list.
+        self.headers = tuple(copied)
+        # Headers count against the limit too: a record's size is what it holds.
+        self.size = size
+        shared = self.shared
+        if status not in shared.statuses or message.get("trailers", False) or size > shared.limit:
+            self.drop()
+
+    def drop(self) -> None:
         self.storable = False
         self.chunks.clear()
 
-    def response(self) -> StoredResponse | None:
-        """The recorded response if it may be stored, else None."""
-        if not self.storable or self.status is None:
-            return None
-        return StoredResponse(self.status, self.headers, b"".join(self.chunks))
+    def settle(self, keep: bool) -> Coroutine[Any, Any, None] | None:
+        """End the claim: store the copy (``keep`` and storable) or release the key. Done here
+        for a sync store; for an async one, the coroutine to await. A store fault is logged:
+        the response is the app's and goes out regardless, and the lease ends the claim."""
+        self.settled = True
+        response = (
+            StoredResponse(self.status, self.headers, b"".join(self.chunks))
+            if keep and self.storable and self.status
+            else None
+        )
+        shared = self.shared
+        store = shared.sync_store
+        if store is None:
+            return self._settle_async(response)
+        try:
+            if response is None:
+                store.release(self.lookup, self.token)
+            elif not store.complete(self.lookup, self.token, response):
+                shared.late_claim(self.lookup)
+        except Exception as error:
+            shared.failed(error, "to end a claim")
+        return None
+
+    async def _settle_async(self, response: StoredResponse | None) -> None:
+        shared = self.shared
+        store = shared.async_store
+        try:
+            if response is None:
+                await store.release(self.lookup, self.token)
+            elif not await store.complete(self.lookup, self.token, response):
+                shared.late_claim(self.lookup)
+        except Exception as error:
+            shared.failed(error, "to end a claim")
 
 
 def _is_token(text: str) -> bool:
@@ -262,13 +380,16 @@ class IdempotencyMiddleware:
       else the key is released and a retry runs again;
     * with the same key and the same method, path, query and body, gets the stored response
       back, with ``Idempotent-Replayed: true``, and does not run;
-    * while the first is still running: 409, ``Retry-After: 1``;
+    * while the first is still running: 409 with ``Retry-After: 1`` if this middleware runs it
+      (it ends soon), else the seconds left of its lease, rounded up, as the store tells them
+      (another replica's request, or a backend that knows no lease: 1);
     * with the same key and a different request: 422;
     * with a malformed key (not a structured-field string or token of 1..255 characters): 400,
       and so is a missing key when ``required=True``;
     * with a body over ``max_body`` bytes: 413, and the app does not run. A request that asks
       for at-most-once execution is refused rather than quietly run unprotected;
     * when the store's in-flight table is full, or the store fails: 503, ``Retry-After: 1``.
+      Store faults are counted (:attr:`faults`) and logged at most once per 10 s.
 
     Errors are ``application/problem+json``. Requests without the header, other methods, and
     non-HTTP scopes pass through untouched.
@@ -288,11 +409,10 @@ class IdempotencyMiddleware:
         "_header",
         "_header_name",
         "_max_body",
-        "_max_response",
         "_methods",
         "_required",
-        "_statuses",
-        "_store",
+        "_running",
+        "_shared",
         "_tenant_of",
         "app",
     )
@@ -321,21 +441,39 @@ class IdempotencyMiddleware:
         if tenant is not None and not callable(tenant):
             raise TypeError(f"tenant must be a callable(asgi_scope) -> str or None, got {tenant!r}")
         self.app = app
-        self._store = as_async_backend(store, name="store")
         self._methods = _check_methods(methods)
         self._header_name = header
         self._header = header.lower().encode("ascii")
         self._required = required
         self._tenant_of = tenant
         self._max_body = positive_int("max_body", max_body)
-        self._max_response = positive_int("max_response", max_response)
-        self._statuses = _check_statuses(store_statuses)
+        self._shared = _Shared(
+            store, positive_int("max_response", max_response), _check_statuses(store_statuses)
+        )
+        # Lookup key -> token of every request this middleware is running now: a 409 for one
+        # of them says "retry in 1 s", since its owner is alive and ends it soon.
+        self._running: dict[str, str] = {}
+
+    @property
+    def faults(self) -> int:
+        """Store faults met so far (each answered 503 or logged); logged at most every 10 s."""
+        return self._shared.faults.count
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in self._methods:
             await self.app(scope, receive, send)
             return
-        raw = _field_value(scope, self._header)
+        # One pass over the request's headers. Names are compared as given: ASGI servers
+        # hand them over lower-cased (Starlette's own Headers relies on that too).
+        wanted = self._header
+        raw: bytes | None = None
+        declared: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == wanted:
+                # Several lines combine with ", " (RFC 9110), which no key survives.
+                raw = value if raw is None else raw + b", " + value
+            elif name == b"content-length":
+                declared = value
         if raw is None:
             if self._required:
                 await self._problem(send, 400, "Missing idempotency key", "is required")
@@ -347,35 +485,82 @@ class IdempotencyMiddleware:
             detail = f"must be a quoted string or a token of 1 to {MAX_KEY_LENGTH} characters"
             await self._problem(send, 400, "Malformed idempotency key", detail)
             return
-        declared = _declared_length(scope)
         try:
-            if declared is not None and declared > self._max_body:
+            if declared is not None and declared.isdigit() and int(declared) > self._max_body:
                 raise _BodyTooLarge
-            body = await _read_body(receive, self._max_body)
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body: bytes | None = message.get("body", b"")  # the usual one-message body
+                if len(body) > self._max_body:  # type: ignore[arg-type]
+                    raise _BodyTooLarge
+                if type(body) is not bytes:
+                    body = bytes(body)  # type: ignore[arg-type]
+            else:
+                body = await _read_body(receive, message, self._max_body)
         except _BodyTooLarge:
             detail = f"allows request bodies of at most {self._max_body} bytes"
             await self._problem(send, 413, "Request body too large", detail)
             return
         if body is None:
             return  # the client is gone before anything ran: nothing to claim or answer
-        lookup = f"{_NAMESPACE}\x00{self._tenant(scope)}\x00{key}"
+        tenant = "" if self._tenant_of is None else self._tenant(scope)
+        lookup = f"{_NAMESPACE}\x00{tenant}\x00{key}"
+        print_ = fingerprint(
+            scope["method"],
+            scope.get("raw_path") or scope["path"].encode("utf-8"),
+            scope.get("query_string", b""),
+            body,
+        )
+        shared = self._shared
         try:
-            outcome = await self._store.begin(lookup, _fingerprint(scope, body))
-        except Exception as error:
-            if isinstance(error, BackendUnavailable):
-                # Expected while a shared backend is down: one line, not a traceback a request.
-                logger.warning("IdempotencyMiddleware: %s", error)
+            store = shared.sync_store
+            if store is not None:
+                outcome = store.begin(lookup, print_)
             else:
-                logger.exception("IdempotencyMiddleware: the store failed on begin()")
+                outcome = await shared.async_store.begin(lookup, print_)
+        except Exception as error:
+            shared.failed(error, "on begin()")
             await send_problem(send, 503, "Idempotency store unavailable", headers=[_RETRY_AFTER])
             return
         if isinstance(outcome, Started):
-            await self._run(scope, _replaying(body, receive), send, lookup, outcome.token)
+            # Inline rather than a call: one coroutine less on every first request.
+            token = outcome.token
+            run = _Run(shared, lookup, token, body, receive, send)
+            running = self._running
+            running[lookup] = token
+            try:
+                await self.app(scope, run.receive, run.send)
+            finally:
+                if running.get(lookup) == token:
+                    del running[lookup]
+                if not run.settled:  # no complete body was sent: the retry must run again
+                    pending = run.settle(False)
+                    if pending is not None:
+                        await pending
         elif isinstance(outcome, Replay):
-            await _send_replay(send, outcome.result)
-        elif isinstance(outcome, InProgress):
+            response = outcome.result
+            if type(response) is not StoredResponse:
+                response = _check_stored(response)
+            body = response.body
+            headers = [*response.headers, _REPLAYED]
+            for name, _ in response.headers:
+                if name == b"content-length" or name.lower() == b"content-length":
+                    break
+            else:
+                headers.append((b"content-length", b"%d" % len(body)))
+            await send(
+                {"type": "http.response.start", "status": response.status, "headers": headers}
+            )
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+        else:
+            await self._answer(send, lookup, outcome)
+
+    async def _answer(self, send: Send, lookup: str, outcome: Outcome[Any]) -> None:
+        """Every outcome but ``Started`` and ``Replay``: a problem response."""
+        if isinstance(outcome, InProgress):
             detail = "belongs to a request that is still being processed; retry later"
-            await self._problem(send, 409, "Request in progress", detail, [_RETRY_AFTER])
+            retry = self._retry_after(lookup, outcome)
+            await self._problem(send, 409, "Request in progress", detail, [retry])
         elif isinstance(outcome, Mismatch):
             detail = "was already used for a different request (method, path, query or body)"
             await self._problem(send, 422, "Idempotency key reused", detail)
@@ -385,9 +570,16 @@ class IdempotencyMiddleware:
         else:
             raise TypeError(f"store.begin() answered {outcome!r}, which is no Outcome")
 
+    def _retry_after(self, lookup: str, outcome: InProgress) -> tuple[bytes, bytes]:
+        """``Retry-After`` for a 409: 1 s when this middleware runs the owner (it ends soon),
+        else the seconds left of the owner's lease, rounded up, when the backend says."""
+        left = outcome.retry_after
+        if lookup in self._running or left is None or not left > 1:
+            return _RETRY_AFTER
+        return (b"retry-after", b"%d" % math.ceil(min(left, _RETRY_AFTER_MAX)))
+
     def _tenant(self, scope: Scope) -> str:
-        if self._tenant_of is None:
-            return ""
+        assert self._tenant_of is not None
         tenant = self._tenant_of(scope)
         if not isinstance(tenant, str):
             raise TypeError(f"tenant callable must return a str, got {tenant!r}")
@@ -404,52 +596,8 @@ class IdempotencyMiddleware:
         """A problem response whose detail starts with the header's name."""
         await send_problem(send, status, title, f"{self._header_name} {detail}", headers)
 
-    async def _run(
-        self, scope: Scope, receive: Receive, send: Send, lookup: str, token: str
-    ) -> None:
-        """Run the app as the key's owner; store or release the claim exactly once."""
-        recorder = _Recorder(self._max_response, self._statuses)
-        store = self._store
-        settled = False
 
-        async def settle(response: StoredResponse | None) -> None:
-            nonlocal settled
-            if settled:
-                return
-            settled = True
-            try:
-                if response is None:
-                    await store.release(lookup, token)
-                elif not await store.complete(lookup, token, response):
-                    logger.warning(
-                        "IdempotencyMiddleware: the claim on %r ran out before the response "
-                        "was complete (lease shorter than the request?); it was not stored",
-                        lookup,
-                    )
-            except Exception:
-                # The response is the app's and goes out regardless; the lease ends the claim.
-                logger.exception("IdempotencyMiddleware: the store failed to end a claim")
-
-        async def send_recording(message: Message) -> None:
-            if recorder.see(message):
-                # Store before the last chunk leaves: a client that disconnects now and
-                # retries gets the replay, not a second execution.
-                await settle(recorder.response())
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_recording)
-        finally:
-            await settle(None)  # no complete body was sent: the retry must run again
-
-
-async def _send_replay(send: Send, response: object) -> None:
-    """Send a stored response again, marked ``Idempotent-Replayed: true``."""
+def _check_stored(response: object) -> StoredResponse:
     if not isinstance(response, StoredResponse):
         raise TypeError(f"the idempotency store holds {response!r}, not a StoredResponse")
-    headers = list(response.headers)
-    if not any(name.lower() == b"content-length" for name, _ in headers):
-        headers.append((b"content-length", str(len(response.body)).encode("ascii")))
-    headers.append((b"idempotent-replayed", b"true"))
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    await send({"type": "http.response.body", "body": response.body, "more_body": False})
+    return response

@@ -139,7 +139,9 @@ class _Idempotency(Connected[C, S]):
             return Replay(self._codec.decode(as_bytes(reply[1])))
         if kind == "in_progress":
             self._counts.add("conflicts")
-            return _IN_PROGRESS
+            # The claim's PTTL: the lease its owner has left (a 409 tells clients to wait it).
+            left = int(reply[1]) if len(reply) > 1 else -1
+            return InProgress(left / 1000) if left >= 0 else _IN_PROGRESS
         if kind == "mismatch":
             self._counts.add("mismatches")
             return _MISMATCH
