@@ -736,10 +736,10 @@ async def test_an_outage_logs_one_line_per_interval_with_the_count(
     counts = fault_counts(caplog.records, "IdempotencyMiddleware")
     assert counts == [1, 160, 160, 160, 160, 160, 160]
     assert middleware.faults == 1_000
-    assert "'asgi\\x00\\x00k960'" in caplog.records[-1].getMessage()
     ours = [r for r in caplog.records if r.getMessage().startswith("IdempotencyMiddleware")]
+    assert "'asgi\\x00\\x00k960'" in ours[-1].getMessage()
     assert not any(record.exc_info for record in ours)  # an outage is no bug: no traceback
-    # The backend's own components (its background release of failed begins) log on the real
-    # clock, also at most once per interval each.
+    # The backend's own components (its background release of failed begins) log on the same
+    # clock, also at most once per interval each: 62.5 s hold 7 intervals.
     others = [r.getMessage().split(":")[0] for r in caplog.records if r not in ours]
-    assert all(others.count(component) <= 2 for component in others), others
+    assert all(others.count(component) <= 7 for component in others), others

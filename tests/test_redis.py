@@ -632,7 +632,9 @@ def test_limiter_follows_its_policy_within_the_timeout(
                 assert decision.degraded.startswith(("ConnectionError: ", "TimeoutError: "))
         assert clock.elapsed < BOUND
         assert limiter.errors == 1
-        assert "RedisTokenBucketLimiter: Redis failed (1 fault(s)" in caplog.text
+        action = {"allow": "allowing", "deny": "denying", "raise": "raising"}[policy]
+        assert f"RedisTokenBucketLimiter {action}: " in caplog.text
+        assert "(1 time(s) since the last report" in caplog.text
     finally:
         limiter.client.close()
 

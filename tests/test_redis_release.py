@@ -112,7 +112,8 @@ def test_a_job_gives_up_after_five_minutes_without_an_answer_and_says_so(
     # Faults are logged at most once per 10 s (of real time: here, once), the give-up too.
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2
-    assert "S (background release): Redis failed (1 fault(s)" in messages[0]
+    assert "S (background release) retrying to release" in messages[0]
+    assert "(1 time(s) since the last report" in messages[0]
     assert "gave up releasing a claim: it lasts its lease" in messages[1]
 
 

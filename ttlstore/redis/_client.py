@@ -9,7 +9,6 @@ import inspect
 import logging
 import math
 import threading
-import time
 from importlib import resources
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
@@ -31,7 +30,6 @@ S = TypeVar("S")  # the redis-py script type
 S_co = TypeVar("S_co", covariant=True)
 T = TypeVar("T", bound="Connected[Any, Any]")
 
-_FAULT_LOG_INTERVAL = 10.0
 FAILURES = (RedisError, OSError)  # redis-py wraps socket errors; OSError for the odd one out
 # Error replies that say "not now" rather than "never": the failure policies apply to these.
 # Any other error reply (WRONGTYPE on a foreign key, a script bug) is raised as it is, since
@@ -112,37 +110,6 @@ def _unbounded(client: object) -> bool:
         return kwargs["socket_timeout"] is None
     # A sync RedisCluster lists only the arguments it was given.
     return isinstance(client, redis.cluster.RedisCluster) and _DEFAULT_SOCKET_TIMEOUT is None
-
-
-class FaultLog:
-    """Counts Redis faults and logs them on ``ttlstore``, at most once per interval."""
-
-    __slots__ = ("_lock", "_next", "_pending", "count", "what")
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.count = 0
-        self._pending = 0
-        self._next = 0.0
-        self._lock = threading.Lock()
-
-    def __call__(self, error: BaseException, action: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self.count += 1
-            self._pending += 1
-            if now < self._next:
-                return
-            self._next = now + _FAULT_LOG_INTERVAL
-            pending, self._pending = self._pending, 0
-        logger.warning(
-            "%s: Redis failed (%d fault(s) since the last report): %s; %s",
-            self.what,
-            pending,
-            describe(error),
-            action,
-            exc_info=error,
-        )
 
 
 class Tally:

@@ -32,7 +32,8 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 
-from ttlstore.redis._client import FAILURES, FaultLog
+from ttlstore._faults import FaultLog
+from ttlstore.redis._client import FAILURES
 
 logger = logging.getLogger("ttlstore")
 
@@ -96,7 +97,7 @@ class ReleaseQueue:
         """Release ``key``'s claim by ``token`` as soon as possible; False if too many wait."""
         if len(self) >= _MAX_PENDING:
             self.gave_up += 1
-            self._gave_up_log(
+            self._gave_up_log.log(
                 error, f"{_MAX_PENDING} releases pending already: this claim lasts its lease"
             )
             return False
@@ -148,9 +149,9 @@ class ReleaseQueue:
         self._probe_at = now + self._delay
         if job.attempts >= _MAX_ATTEMPTS or now >= job.deadline:
             self.gave_up += 1
-            self._gave_up_log(error, "gave up releasing a claim: it lasts its lease")
+            self._gave_up_log.log(error, "gave up releasing a claim: it lasts its lease")
             return
-        self._faults(error, "retrying to release claims of failed begins")
+        self._faults.log(error, "retrying to release claims of failed begins")
         self._push(job, now)
 
     def requeue(self, job: _Job) -> None:

@@ -18,6 +18,7 @@ from redis.commands.core import AsyncScript, Script
 from redis.exceptions import ResponseError
 
 from ttlstore._errors import BackendUnavailable
+from ttlstore._faults import FaultLog
 from ttlstore._gcra import (
     Bucket,
     Decision,
@@ -36,7 +37,6 @@ from ttlstore.redis._client import (
     TRANSIENT_REPLIES,
     C,
     Connected,
-    FaultLog,
     S,
     Tally,
     describe,
@@ -55,6 +55,7 @@ OnError = Literal["allow", "deny", "raise"]
 """What a limiter answers when Redis fails: allow the request, refuse it, or raise."""
 
 _NS = 1_000_000_000
+_POLICY_ACTIONS = {"allow": "allowing", "deny": "denying", "raise": "raising"}
 _DEGRADED_WAIT = 1.0  # seconds a degraded refusal asks the client to wait
 
 
@@ -215,7 +216,7 @@ class _Limiter(Connected[C, S]):
         if isinstance(error, ResponseError) and not str(error).startswith(TRANSIENT_REPLIES):
             raise error
         policy = self._on_error
-        self._faults(error, {"allow": "allowing", "deny": "denying", "raise": "raising"}[policy])
+        self._faults.log(error, _POLICY_ACTIONS[policy])
         if policy == "raise":
             raise BackendUnavailable(
                 f"Redis failed during a rate-limit decision: {describe(error)}"
