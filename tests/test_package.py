@@ -10,8 +10,6 @@ import sys
 
 import pytest
 
-import ttlstore
-
 PUBLIC_MODULES = [
     "ttlstore",
     "ttlstore.store",
@@ -46,20 +44,6 @@ def test_an_optional_module_without_its_dependency_names_its_extra(
     assert run.returncode != 0
     assert f"pip install 'ttlstore[{extra}]'" in run.stderr
     assert "ModuleNotFoundError" not in run.stderr.splitlines()[-1]
-
-
-def test_the_store_shows_its_real_signature() -> None:
-    parameters = list(inspect.signature(ttlstore.TTLStore).parameters)
-    assert parameters == [
-        "maxsize",
-        "ttl",
-        "sliding",
-        "maxweight",
-        "weigher",
-        "clock",
-        "on_remove",
-        "threadsafe",
-    ]
 
 
 def _public_callables() -> list[tuple[str, object]]:
