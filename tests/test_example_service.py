@@ -22,8 +22,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint, Sum
-from prometheus_client.parser import text_string_to_metric_families
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from examples.service import (
     BURST,
@@ -36,6 +35,7 @@ from examples.service import (
     create_app,
 )
 from examples.service import app as default_app
+from tests._metrics_support import observe, parse_exposition
 from ttlstore.asgi import Message
 from ttlstore.idempotency import IdempotencyStore
 from ttlstore.ratelimit import TokenBucketLimiter
@@ -280,35 +280,6 @@ def uvicorn_serving(app: FastAPI) -> Iterator[tuple[str, asyncio.AbstractEventLo
         loop.close()
 
 
-Figures = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse_scrape(text: str) -> Figures:
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def read_otel(reader: InMemoryMetricReader) -> Figures:
-    """OpenTelemetry data points under the names Prometheus gives them."""
-    figures: Figures = {}
-    data = reader.get_metrics_data()
-    assert data is not None
-    for resource in data.resource_metrics:
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                name = metric.name.replace(".", "_") + ("_seconds" if metric.unit == "s" else "")
-                if isinstance(metric.data, Sum) and metric.data.is_monotonic:
-                    name += "_total"
-                for point in metric.data.data_points:
-                    assert isinstance(point, NumberDataPoint)
-                    labels = frozenset((k, str(v)) for k, v in (point.attributes or {}).items())
-                    figures[name, labels] = float(point.value)
-    return figures
-
-
 def test_metrics_scraped_over_http_are_the_figures_of_the_workload(
     store: IdempotencyStore, limiter: TokenBucketLimiter, clock: FakeClock
 ) -> None:
@@ -348,8 +319,8 @@ def test_metrics_scraped_over_http_are_the_figures_of_the_workload(
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/plain")
         assert "ratelimit" not in response.headers  # scrapes are not rate-limited
-        scraped = parse_scrape(response.text)
-        observed = read_otel(reader)
+        scraped = parse_exposition(response.text)
+        observed = observe(reader)
     provider.shutdown()
 
     def value(name: str, owner: str, **labels: str) -> float:

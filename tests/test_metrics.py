@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint, Sum
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests._metrics_support import Figures, observe, parse_exposition
 from ttlstore import (
     IdempotencyStore,
     Started,
@@ -33,38 +33,10 @@ from ttlstore import (
 from ttlstore.metrics import FAMILIES, Metrics, register
 from ttlstore.testing import FakeClock, RedisServer, free_port
 
-Figures = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
 
 def scrape(registry: CollectorRegistry) -> Figures:
     """Every sample of ``registry``, parsed back from the text exposition format."""
-    text = generate_latest(registry).decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def observe(reader: InMemoryMetricReader) -> Figures:
-    """Every OpenTelemetry data point, under the name Prometheus would give it."""
-    figures: Figures = {}
-    data = reader.get_metrics_data()
-    if data is None:  # nothing observed at all
-        return figures
-    for resource in data.resource_metrics:
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                name = metric.name.replace(".", "_")
-                if metric.unit == "s":
-                    name += "_seconds"
-                if isinstance(metric.data, Sum) and metric.data.is_monotonic:
-                    name += "_total"
-                for point in metric.data.data_points:
-                    assert isinstance(point, NumberDataPoint)
-                    labels = frozenset((k, str(v)) for k, v in (point.attributes or {}).items())
-                    figures[name, labels] = float(point.value)
-    return figures
+    return parse_exposition(generate_latest(registry).decode())
 
 
 def figure(figures: Figures, metric: str, /, **labels: str) -> float:
