@@ -27,7 +27,7 @@ from ttlstore.asgi import (
     client_host,
     get_header,
 )
-from ttlstore.asgi.ratelimit import ratelimit_field
+from ttlstore.asgi.ratelimit import _FIELDS_KEPT, ratelimit_field
 from ttlstore.ratelimit import Decision, Limit, TokenBucketLimiter
 from ttlstore.testing import FakeClock, RedisServer
 
@@ -430,3 +430,66 @@ async def test_an_outage_logs_one_line_per_interval_with_the_count(
     assert middleware.faults == 1_000
     # The Redis limiter's own fault log is one component too: one line per interval, counted.
     assert fault_counts(caplog.records, "AsyncRedisTokenBucketLimiter") == [1] + [160] * 6
+
+
+# ---------------------------------------------------------------------- kept fields stay exact
+
+
+class Scripted:
+    """A limiter answering a scripted list of decisions, in order."""
+
+    def __init__(self, limits: tuple[Limit, ...], decisions: list[Decision]) -> None:
+        self.limits = limits
+        self.decisions = iter(decisions)
+
+    def acquire(self, key: str, cost: int = 1) -> Decision:
+        return next(self.decisions)
+
+
+async def fields_sent(middleware: RateLimitMiddleware, requests: int) -> list[bytes]:
+    """The RateLimit field of each of ``requests`` responses, calling the app directly."""
+    sent: list[bytes] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            sent.append(dict(message["headers"])[b"ratelimit"])
+
+    for _ in range(requests):
+        await middleware({"type": "http", "client": ("192.0.2.1", 1)}, receive, send)
+    return sent
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 1), st.integers(0, 40), st.integers(0, 3)), max_size=60),
+    st.integers(0, 2_100),
+)
+@settings(max_examples=40, deadline=None)
+async def test_repeated_decisions_get_the_fields_http_sf_serialises(
+    script: list[tuple[int, int, int]], flood: int
+) -> None:
+    # Two limits answering the same (remaining, reset), decisions repeating after more
+    # distinct ones than any table could keep: every field must still name its own limit.
+    limits = (Limit(1, 50, name="burst"), Limit(Fraction(1, 60), 50, name="hourly"))
+    plan = [(i % 2, i, i % 5) for i in range(flood)] + script + script
+    decisions = [
+        Decision(True, remaining, 0.0, 9.0, reset - 0.5 if reset else 0.0, limits[which])
+        for which, remaining, reset in plan
+    ]
+    middleware = RateLimitMiddleware(hello, Scripted(limits, decisions))
+    sent = await fields_sent(middleware, len(plan))
+    expected = [
+        http_sf.ser([sf_item(limits[which].name or "", r=remaining, t=reset)]).encode()
+        for which, remaining, reset in plan
+    ]
+    assert sent == expected
+
+
+async def test_the_kept_fields_stay_bounded() -> None:
+    limits = (Limit(1, 5_000, name="burst"),)
+    decisions = [Decision(True, remaining, 0.0, 9.0, 0.5, limits[0]) for remaining in range(3_000)]
+    middleware = RateLimitMiddleware(hello, Scripted(limits, decisions))
+    await fields_sent(middleware, len(decisions))
+    assert 0 < len(middleware._fields) <= _FIELDS_KEPT

@@ -38,6 +38,7 @@ from ttlstore._gcra import (
     decide,
     full_at,
     limits_from,
+    take_one,
     wait_async,
     wait_sync,
 )
@@ -216,21 +217,39 @@ class TokenBucketLimiter:
         """The compute() function deciding a request of ``cost``; kept per cost, so that an
         acquire builds no closure (most callers use one or two costs)."""
         buckets, now_ns, epoch = self._buckets, self._now, self._epoch
+        # A read (not peek) also for refusals: a client that keeps knocking stays recent, so
+        # a flood of new keys evicts idle buckets before an active abuser's. The clock is read
+        # after the store's: an entry it found expired is certainly full now too. slot.value
+        # is None for an absent bucket: a full one. An allowed request's state is written to
+        # expire exactly when the bucket is full again: expiry never changes a decision.
+        if len(buckets) == 1:
+            bucket = buckets[0]
 
-        def step(slot: Slot[Hashable, State]) -> Decision:
-            # A read (not peek) also for refusals: a client that keeps knocking stays recent,
-            # so a flood of new keys evicts idle buckets before an active abuser's. The clock
-            # is read after the store's: an entry it found expired is certainly full now too.
-            # slot.value is None for an absent bucket: a full one.
-            now = now_ns() - epoch
-            decision, state = decide(buckets, slot.value, now, cost)
-            if state is None:
-                self._denied += 1
-            else:
-                # Written to expire exactly when full again: expiry never changes a decision.
-                slot.set(state, deadline=_deadline_at(full_at(buckets, state, now)))
-                self._allowed += 1
-            return decision
+            def step(slot: Slot[Hashable, State]) -> Decision:
+                # One limit, the common case: one arithmetic call, _deadline_at() written out
+                # (together 0.9 µs of a 3.6 µs acquire before, measured interleaved).
+                decision, state, full = take_one(bucket, slot.value, now_ns() - epoch, cost)
+                if state is None:
+                    self._denied += 1
+                else:
+                    deadline = full / NS
+                    if (full - 1) / NS >= deadline:
+                        deadline = _deadline_at(full)
+                    slot.set(state, deadline=deadline)
+                    self._allowed += 1
+                return decision
+
+        else:
+
+            def step(slot: Slot[Hashable, State]) -> Decision:
+                now = now_ns() - epoch
+                decision, state = decide(buckets, slot.value, now, cost)
+                if state is None:
+                    self._denied += 1
+                else:
+                    slot.set(state, deadline=_deadline_at(full_at(buckets, state, now)))
+                    self._allowed += 1
+                return decision
 
         if len(self._steps) >= _STEPS_KEPT:
             self._steps.clear()
