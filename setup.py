@@ -26,6 +26,7 @@ COMPILED = (
     "ttlstore/_deadlines.py",
     "ttlstore/_checks.py",
     "ttlstore/_gcra.py",
+    "ttlstore/_bucket_steps.py",
 )
 
 #: Commands that build binaries. Anything else (sdist, egg_info, editable_wheel, develop)

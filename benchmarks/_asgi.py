@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib
 import importlib.metadata
 import itertools
 import json
@@ -40,13 +41,18 @@ ANSWER = json.dumps({"order": 1, "status": "created"}).encode()
 CLIENTS = 1_000  # distinct client addresses, cycled: each its own rate-limit bucket
 STARLETTE = "Starlette endpoint"
 BARE = "bare ASGI app"
+COMPILED = "ttlstore compiled"
 
 # Targets of issue 12: added cost / Starlette endpoint, and against the peer in the same run.
 RATIO_LIMITS = {
-    "ttlstore RateLimitMiddleware": 0.2,
-    "ttlstore IdempotencyMiddleware, new key": 0.5,
-    "ttlstore IdempotencyMiddleware, replay": 0.3,
-    "ttlstore both, new key": 0.7,
+    f"ttlstore{build} {stack}": limit
+    for build in ("", " compiled")
+    for stack, limit in (
+        ("RateLimitMiddleware", 0.2),
+        ("IdempotencyMiddleware, new key", 0.5),
+        ("IdempotencyMiddleware, replay", 0.3),
+        ("both, new key", 0.7),
+    )
 }
 PEER_SHARE = 1 / 3
 
@@ -156,23 +162,33 @@ def _starlette(middleware: Sequence[Any] = ()) -> Any:
     )
 
 
-def _ttl_limiter() -> Any:
-    from ttlstore.ratelimit import Limit, TokenBucketLimiter
+def _package(compiled: bool) -> str:
+    """The ttlstore build to import: this source, or the mypyc-compiled copy of it."""
+    if not compiled:
+        return "ttlstore"
+    from benchmarks import _compiled
 
-    return TokenBucketLimiter(limits=[Limit.per(1_000, 60)])
+    try:
+        return _compiled.load()
+    except _compiled.Unavailable as error:
+        raise Missing(str(error)) from error
 
 
-def _ttl_ratelimit(app: Any) -> Any:
-    from ttlstore.asgi import RateLimitMiddleware
+def _ttl_limiter(compiled: bool = False) -> Any:
+    ratelimit = importlib.import_module(f"{_package(compiled)}.ratelimit")
+    return ratelimit.TokenBucketLimiter(limits=[ratelimit.Limit.per(1_000, 60)])
 
-    return RateLimitMiddleware(app, _ttl_limiter())
+
+def _ttl_ratelimit(app: Any, compiled: bool = False) -> Any:
+    asgi = importlib.import_module(f"{_package(compiled)}.asgi")
+    return asgi.RateLimitMiddleware(app, _ttl_limiter(compiled))
 
 
-def _ttl_idempotency(app: Any) -> Any:
-    from ttlstore.asgi import IdempotencyMiddleware
-    from ttlstore.idempotency import IdempotencyStore
-
-    return IdempotencyMiddleware(app, IdempotencyStore())
+def _ttl_idempotency(app: Any, compiled: bool = False) -> Any:
+    package = _package(compiled)
+    asgi = importlib.import_module(f"{package}.asgi")
+    idempotency = importlib.import_module(f"{package}.idempotency")
+    return asgi.IdempotencyMiddleware(app, idempotency.IdempotencyStore())
 
 
 def _slowapi() -> Any:
@@ -225,31 +241,46 @@ class Stack:
     peer: str | None = None
 
 
+def _ttlstore_stacks(compiled: bool) -> tuple[Stack, ...]:
+    """ttlstore's four stacks, on the pure package or on the compiled copy of it."""
+    build = COMPILED if compiled else "ttlstore"
+    return (
+        Stack(
+            f"{build} RateLimitMiddleware",
+            lambda: _ttl_ratelimit(_starlette(), compiled),
+            peer="slowapi",
+            distribution="ttlstore",
+        ),
+        Stack(
+            f"{build} IdempotencyMiddleware, new key",
+            lambda: _ttl_idempotency(_starlette(), compiled),
+            keys="new",
+            peer="asgi-idempotency-header, new key",
+            distribution="ttlstore",
+        ),
+        Stack(
+            f"{build} IdempotencyMiddleware, replay",
+            lambda: _ttl_idempotency(_starlette(), compiled),
+            keys="replay",
+            base=BARE,
+            peer="asgi-idempotency-header, replay",
+            distribution="ttlstore",
+        ),
+        Stack(
+            f"{build} both, new key",
+            lambda: _ttl_ratelimit(_ttl_idempotency(_starlette(), compiled), compiled),
+            keys="new",
+            distribution="ttlstore",
+        ),
+    )
+
+
 STACKS: tuple[Stack, ...] = (
     Stack(BARE, lambda: _bare, base=None),
     Stack(STARLETTE, _starlette, base=None, distribution="starlette"),
-    Stack(
-        "ttlstore RateLimitMiddleware",
-        lambda: _ttl_ratelimit(_starlette()),
-        peer="slowapi",
-        distribution="ttlstore",
-    ),
+    *_ttlstore_stacks(compiled=False),
+    *_ttlstore_stacks(compiled=True),
     Stack("slowapi", _slowapi, distribution="slowapi"),
-    Stack(
-        "ttlstore IdempotencyMiddleware, new key",
-        lambda: _ttl_idempotency(_starlette()),
-        keys="new",
-        peer="asgi-idempotency-header, new key",
-        distribution="ttlstore",
-    ),
-    Stack(
-        "ttlstore IdempotencyMiddleware, replay",
-        lambda: _ttl_idempotency(_starlette()),
-        keys="replay",
-        base=BARE,
-        peer="asgi-idempotency-header, replay",
-        distribution="ttlstore",
-    ),
     Stack(
         "asgi-idempotency-header, new key",
         _asgi_idempotency_header,
@@ -275,12 +306,6 @@ STACKS: tuple[Stack, ...] = (
         keys="replay",
         base=BARE,
         distribution="fastapi-idempotency",
-    ),
-    Stack(
-        "ttlstore both, new key",
-        lambda: _ttl_ratelimit(_ttl_idempotency(_starlette())),
-        keys="new",
-        distribution="ttlstore",
     ),
 )
 
@@ -337,8 +362,15 @@ def measure(
     repeats: int = 5,
     stacks: Sequence[Stack] = STACKS,
     log: TextIO | None = None,
+    compiled: bool = True,
 ) -> dict[str, Any]:
-    """Time every stack (µs per request, interleaved rounds) and return the report section."""
+    """Time every stack (µs per request, interleaved rounds) and return the report section.
+
+    ``compiled=False`` leaves out the stacks on the compiled copy (whose first build takes
+    half a minute).
+    """
+    if not compiled:
+        stacks = [stack for stack in stacks if not stack.name.startswith(COMPILED)]
     rows: dict[str, dict[str, Any]] = {}
     trials: list[_Trial] = []
     for stack in stacks:
@@ -424,7 +456,9 @@ def _added(rows: dict[str, dict[str, Any]]) -> None:
 def _targets(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for name, limit in RATIO_LIMITS.items():
-        ratio = rows.get(name, {}).get("ratio")
+        if name not in rows:  # a stack left out of this run
+            continue
+        ratio = rows[name].get("ratio")
         out.append(
             {
                 "target": f"{name}: added / Starlette endpoint",

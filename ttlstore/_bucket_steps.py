@@ -1,0 +1,89 @@
+"""The in-memory limiter's compute() functions: decide a request and file the bucket's new state.
+
+:class:`~ttlstore.ratelimit.TokenBucketLimiter` keeps one function per cost and hands it to
+:meth:`TTLStore.compute` on every ``acquire``. They live here rather than in the limiter's
+module so that mypyc compiles them with the arithmetic (:mod:`ttlstore._gcra`) when it
+compiles the core: the function the store calls on every request is then native too.
+
+A bucket's state is written to expire exactly when the bucket is full again (see
+:func:`deadline_at`): the store holds only buckets in debt, and expiry never changes a decision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable
+
+from ttlstore._gcra import NS, Bucket, Decision, State, decide, full_at, take_one
+from ttlstore._slot import Slot
+
+__all__ = ["Step", "Tally", "deadline_at", "step_for"]
+
+Step = Callable[[Slot[Hashable, State | None]], Decision]
+
+
+class Tally:
+    """A limiter's decision counters, shared by all its compute() functions."""
+
+    def __init__(self) -> None:
+        self.allowed = 0
+        self.denied = 0
+
+
+def deadline_at(full: int) -> float:
+    """The store-clock deadline (float seconds since the epoch) for ``full`` ns since it.
+
+    The store's clock is ``n / NS`` for the limiter's integer reading ``n``, correctly rounded,
+    so ``full / NS`` expires the entry exactly when ``n`` reaches ``full`` (rounding is
+    monotonic). Only when one float step spans more than a nanosecond (past 2**53 ns, about
+    104 days after the epoch) could ``full - 1`` read the same: then settle for one step late,
+    since early would forgive debt. O(1).
+    """
+    deadline = full / NS
+    if (full - 1) / NS >= deadline:
+        deadline = math.nextafter(deadline, math.inf)
+    return deadline
+
+
+def step_for(
+    buckets: tuple[Bucket, ...], now_ns: Callable[[], int], epoch: int, cost: int, tally: Tally
+) -> Step:
+    """The compute() function deciding a request of ``cost`` against ``buckets``.
+
+    It reads the clock after the store has (an entry the store found expired is certainly
+    full now too), treats an absent bucket (``slot.value`` None) as full, counts the decision
+    in ``tally`` and, if allowed, asks for the new state to be written. A refusal is a read
+    too (not a peek): a client that keeps knocking stays recent, so a flood of new keys
+    evicts idle buckets before an active abuser's. O(limits).
+    """
+    if len(buckets) == 1:
+        bucket = buckets[0]
+
+        def one_limit(slot: Slot[Hashable, State | None]) -> Decision:
+            # The common case: one arithmetic call, deadline_at() written out (with the
+            # Decision built directly: 11 % fewer instructions per acquire, 47.7 k -> 42.6 k
+            # under callgrind, CPython 3.11).
+            decision, state, full = take_one(bucket, slot.value, now_ns() - epoch, cost)
+            if state is None:
+                tally.denied += 1
+            else:
+                deadline = full / NS
+                if (full - 1) / NS >= deadline:
+                    deadline = deadline_at(full)
+                slot.set(state, deadline=deadline)
+                tally.allowed += 1
+            return decision
+
+        return one_limit
+
+    def many_limits(slot: Slot[Hashable, State | None]) -> Decision:
+        now = now_ns() - epoch
+        decision, state = decide(buckets, slot.value, now, cost)
+        if state is None:
+            tally.denied += 1
+        else:
+            slot.set(state, deadline=deadline_at(full_at(buckets, state, now)))
+            tally.allowed += 1
+        return decision
+
+    return many_limits
