@@ -33,6 +33,7 @@ from ttlstore.asgi import (
     get_header,
     parse_idempotency_key,
 )
+from ttlstore.asgi._idem_key import Fingerprinter, quoted_key
 from ttlstore.asgi.idempotency import fingerprint
 from ttlstore.idempotency import IdempotencyStore, InProgress, Outcome, Started
 from ttlstore.testing import FakeClock, RedisServer
@@ -597,6 +598,22 @@ def test_the_key_parser_agrees_with_http_sf(value: bytes) -> None:
     assert parse_idempotency_key(value) == key_by_http_sf(value)
 
 
+@given(_field_values)
+@settings(max_examples=2_000, deadline=None)
+def test_the_middleware_s_quoted_key_fast_path_agrees_with_http_sf(value: bytes) -> None:
+    # The middleware reads a field value quoted_key() matches as the bytes between the quotes.
+    if quoted_key(value) is not None:
+        assert value[1:-1].decode("ascii") == key_by_http_sf(value)
+
+
+@given(_printable.filter(lambda text: '"' not in text and "\\" not in text))
+def test_the_quoted_key_fast_path_takes_every_plain_quoted_key(text: str) -> None:
+    value = b'"' + text.encode() + b'"'
+    expected = key_by_http_sf(value)
+    assert (quoted_key(value) is not None) == (expected is not None)
+    assert parse_idempotency_key(value) == expected
+
+
 def fingerprint_by_definition(method: str, path: bytes, query: bytes, body: bytes) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for part in (method.encode("ascii"), path, query, body):
@@ -616,6 +633,23 @@ def test_the_fingerprint_is_blake2b_over_length_prefixed_parts(
 ) -> None:
     assert fingerprint(method, path, query, body) == fingerprint_by_definition(
         method, path, query, body
+    )
+
+
+@given(
+    st.sampled_from(["POST", "PATCH", "PUT"]),
+    st.integers(250, 1100).map(lambda n: b"/" * n),
+    st.integers(250, 300).map(lambda n: b"q" * n),
+    st.binary(max_size=20),
+)
+def test_a_middleware_s_fingerprint_is_the_defined_one_for_long_paths_too(
+    method: str, path: bytes, query: bytes, body: bytes
+) -> None:
+    # The lengths of short parts come from a table, of long ones from struct: both as defined.
+    expected = fingerprint_by_definition(method, path, query, body)
+    assert Fingerprinter(method)(path, query, body) == expected
+    assert Fingerprinter(method)(query, path, body) == fingerprint_by_definition(
+        method, query, path, body
     )
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ttlstore._errors import BackendUnavailable
 from ttlstore._faults import FaultLog
-from ttlstore.idempotency import (
+from ttlstore._idem_api import (
     AsyncIdempotencyBackend,
     Busy,
     BusyError,

@@ -2,24 +2,28 @@
 
 :class:`IdempotencyMiddleware` implements the ``Idempotency-Key`` request header (IETF draft
 *The Idempotency-Key HTTP Header Field*, Stripe's behaviour) on any
-:class:`~ttlstore.idempotency.IdempotencyBackend`. Needs the ``asgi`` extra (``http-sf``).
+:class:`~ttlstore.idempotency.IdempotencyBackend`. Needs the ``asgi`` extra (``http-sf``). The
+key parser and the fingerprint live in :mod:`ttlstore.asgi._idem_key`, one owner's run in
+:mod:`ttlstore.asgi._idem_run`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import re
-import struct
-from collections.abc import Callable, Collection, Coroutine, Iterable
-from typing import Any, cast
-
-import http_sf
+from collections.abc import Callable, Collection, Iterable
+from typing import Any
 
 from ttlstore._checks import positive_int
-from ttlstore._errors import BackendUnavailable
-from ttlstore._faults import FaultLog
-from ttlstore.asgi._http import ASGIApp, Message, Receive, Scope, Send, send_problem
+from ttlstore.asgi._http import ASGIApp, Receive, Scope, Send, send_problem
+from ttlstore.asgi._idem_key import (
+    MAX_KEY_LENGTH,
+    Fingerprinter,
+    fingerprint,
+    is_token,
+    parse_idempotency_key,
+    quoted_key,
+)
+from ttlstore.asgi._idem_run import BodyTooLarge, Run, Shared, read_body
 from ttlstore.idempotency import (
     AsyncIdempotencyBackend,
     Busy,
@@ -29,8 +33,6 @@ from ttlstore.idempotency import (
     Outcome,
     Replay,
     Started,
-    as_async_backend,
-    is_async_backend,
 )
 from ttlstore.records import StoredResponse
 
@@ -38,6 +40,7 @@ __all__ = [
     "DEFAULT_MAX_BODY",
     "DEFAULT_MAX_RESPONSE",
     "DEFAULT_STORE_STATUSES",
+    "MAX_KEY_LENGTH",
     "IdempotencyMiddleware",
     "fingerprint",
     "parse_idempotency_key",
@@ -57,9 +60,6 @@ handler failed before its effect was committed, or a dependency was down, so the
 run again rather than replay the failure for the record's whole TTL. Pass
 ``store_statuses=range(100, 600)`` for Stripe's behaviour (every executed result is stored)."""
 
-MAX_KEY_LENGTH = 255
-"""Longest idempotency key accepted, in characters."""
-
 # A 409's Retry-After is at most a day, even for a backend configured with a longer lease.
 _RETRY_AFTER_MAX = 86_400
 
@@ -68,282 +68,10 @@ _RETRY_AFTER_MAX = 86_400
 _RETRY_AFTER = (b"retry-after", b"1")
 _REPLAYED = (b"idempotent-replayed", b"true")
 
-# RFC 9110 token characters: a bare key such as a UUID that does not parse as a structured
-# field item (one starting with a digit parses as an Integer or fails) is accepted as a token.
-_TCHARS = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-
-# A String of printable ASCII without escapes: what http_sf parses to exactly the characters
-# between the quotes. Together with _TCHARS this is every key a client actually sends.
-_PLAIN_STRING = re.compile(rb'"([ !#-\[\]-~]*)"')
-
 # Prefix of every lookup key this middleware builds, so that a store it shares with
 # @idempotent (whose keys start with a function's name) never mixes the two.
 _NAMESPACE = "asgi"
-
-_LENGTH = struct.Struct(">Q").pack
-_blake2b = hashlib.blake2b
-
-
-def parse_idempotency_key(value: bytes) -> str | None:
-    """The key carried by an ``Idempotency-Key`` field value, or None if it is malformed.
-
-    Accepts an RFC 9651 String (``"abc"``, parsed by ``http_sf``), a Token (``abc``), or any
-    bare run of RFC 9110 token characters (``8e03978e-40d5``); parameters are ignored, as none
-    are defined for this field. The key must have 1 to :data:`MAX_KEY_LENGTH` characters.
-    Several field lines, combined with commas, are malformed. O(len(value)).
-
-    A plain quoted string (printable ASCII, no escapes) and a bare run of token characters
-    are read directly; anything else goes through ``http_sf``. Both paths give the same
-    answer for every value (a property test compares them).
-    """
-    stripped = value.strip(b" \t")
-    plain = _PLAIN_STRING.fullmatch(stripped)
-    if plain is not None:
-        raw = plain.group(1)
-    elif _TCHARS.fullmatch(stripped) is not None:
-        raw = stripped
-    else:
-        return _parse_structured(stripped)
-    return raw.decode("ascii") if 1 <= len(raw) <= MAX_KEY_LENGTH else None
-
-
-def _parse_structured(stripped: bytes) -> str | None:
-    """:func:`parse_idempotency_key` by ``http_sf``, for every value the fast paths skip."""
-    try:
-        parsed = http_sf.parse(bytes(stripped), tltype="item")
-    except http_sf.StructuredFieldError:
-        parsed = None
-    item = parsed[0] if isinstance(parsed, tuple) else None
-    if isinstance(item, str):
-        key = item
-    elif isinstance(item, http_sf.Token):
-        key = str(item)
-    elif _TCHARS.fullmatch(stripped):
-        key = stripped.decode("ascii")
-    else:
-        return None
-    return key if 1 <= len(key) <= MAX_KEY_LENGTH else None
-
-
-def fingerprint(method: str, path: bytes, query: bytes, body: bytes) -> str:
-    """BLAKE2b-128 (hex) over method, path, query and body, each prefixed with its length as 8
-    big-endian bytes, so that none can bleed into the next. O(len(body)).
-
-    A cryptographic hash, so two requests share a fingerprint only by design; BLAKE2b rather
-    than SHA-256 because it costs a third less on the small bodies an API sees.
-    """
-    verb = method.encode("ascii")
-    digest = _blake2b(
-        b"".join(
-            (
-                _LENGTH(len(verb)),
-                verb,
-                _LENGTH(len(path)),
-                path,
-                _LENGTH(len(query)),
-                query,
-                _LENGTH(len(body)),
-            )
-        ),
-        digest_size=16,
-    )
-    digest.update(body)
-    return digest.hexdigest()
-
-
-class _BodyTooLarge(Exception):
-    """The request body outgrew ``max_body`` while it was being read."""
-
-
-async def _read_body(receive: Receive, message: Message, limit: int) -> bytes | None:
-    """The whole request body, starting from its first ``message``; None if the client
-    disconnected first.
-
-    Raises :class:`_BodyTooLarge` as soon as more than ``limit`` bytes have arrived, so at
-    most ``limit`` bytes (plus one chunk) are ever held.
-    """
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        if message["type"] == "http.disconnect":
-            return None
-        if message["type"] == "http.request":
-            chunk = bytes(message.get("body", b""))
-            size += len(chunk)
-            if size > limit:
-                raise _BodyTooLarge
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-        message = await receive()
-
-
-class _Shared:
-    """What every run of one middleware shares: the store (sync, or async), the response
-    limit, the statuses to store, and the fault logs."""
-
-    __slots__ = ("async_store", "faults", "late", "limit", "statuses", "sync_store")
-
-    def __init__(
-        self,
-        store: IdempotencyBackend[StoredResponse] | AsyncIdempotencyBackend[StoredResponse],
-        limit: int,
-        statuses: frozenset[int],
-    ) -> None:
-        # A sync backend (the in-memory store) is called inline, without a coroutine around
-        # each call; an async one is awaited.
-        self.sync_store: IdempotencyBackend[StoredResponse] | None = (
-            None if is_async_backend(store, "store") else cast("IdempotencyBackend[Any]", store)
-        )
-        self.async_store = as_async_backend(store, name="store")
-        self.limit = limit
-        self.statuses = statuses
-        self.faults = FaultLog("IdempotencyMiddleware: the idempotency store failed")
-        self.late = FaultLog("IdempotencyMiddleware")
-
-    def late_claim(self, lookup: str) -> None:
-        self.late.log(
-            f"the claim on {lookup!r} ran out before the response was complete (lease "
-            "shorter than the request?); it was not stored"
-        )
-
-    def failed(self, error: Exception, action: str) -> None:
-        # Expected while a shared backend is down: counted, and logged once per interval.
-        self.faults.log(error, action, traceback=not isinstance(error, BackendUnavailable))
-
-
-class _Run:
-    """One request run by its key's owner: hands the app the body already read, forwards the
-    response as it streams by while keeping a copy of at most ``limit`` bytes of headers and
-    body, and ends the claim exactly once.
-
-    The response itself is never held back. A response that outgrows the limit, has a status
-    not to be stored, or uses a message the copy cannot capture (trailers,
-    ``http.response.pathsend``) drops its copy and releases the key.
-    """
-
-    __slots__ = (
-        "body",
-        "chunks",
-        "headers",
-        "lookup",
-        "receive_rest",
-        "send_on",
-        "settled",
-        "shared",
-        "size",
-        "status",
-        "storable",
-        "token",
-    )
-
-    def __init__(
-        self, shared: _Shared, lookup: str, token: str, body: bytes, receive: Receive, send: Send
-    ) -> None:
-        self.shared = shared
-        self.lookup = lookup
-        self.token = token
-        self.body: bytes | None = body
-        self.receive_rest = receive
-        self.send_on = send
-        self.status = 0
-        self.headers: tuple[tuple[bytes, bytes], ...] = ()
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.storable = True
-        self.settled = False
-
-    async def receive(self) -> Message:
-        """The body read before the claim, then the server's own messages (a disconnect)."""
-        body = self.body
-        if body is not None:
-            self.body = None
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await self.receive_rest()
-
-    async def send(self, message: Message) -> None:
-        kind = message["type"]
-        if kind == "http.response.body":
-            if self.storable:
-                chunk = message.get("body", b"")
-                self.size += len(chunk)
-                if self.size > self.shared.limit:
-                    self.drop()
-                else:
-                    self.chunks.append(chunk if type(chunk) is bytes else bytes(chunk))
-            if not message.get("more_body", False) and not self.settled:
-                # Store before the last chunk leaves: a client that disconnects now and
-                # retries gets the replay, not a second execution.
-                pending = self.settle(True)
-                if pending is not None:
-                    await pending
-        elif kind == "http.response.start":
-            self.start(message)
-        else:
-            self.drop()
-        await self.send_on(message)
-
-    def start(self, message: Message) -> None:
-        self.status = status = int(message["status"])
-        copied = []
-        size = 0
-        for name, value in message.get("headers", ()):
-            if type(name) is not bytes:
-                name = bytes(name)
-            if type(value) is not bytes:
-                value = bytes(value)
-            copied.append((name, value))
-            size += len(name) + len(value)
-        # An immutable copy: the app may reuse its list.
-        self.headers = tuple(copied)
-        # Headers count against the limit too: a record's size is what it holds.
-        self.size = size
-        shared = self.shared
-        if status not in shared.statuses or message.get("trailers", False) or size > shared.limit:
-            self.drop()
-
-    def drop(self) -> None:
-        self.storable = False
-        self.chunks.clear()
-
-    def settle(self, keep: bool) -> Coroutine[Any, Any, None] | None:
-        """End the claim: store the copy (``keep`` and storable) or release the key. Done here
-        for a sync store; for an async one, the coroutine to await. A store fault is logged:
-        the response is the app's and goes out regardless, and the lease ends the claim."""
-        self.settled = True
-        response = (
-            StoredResponse(self.status, self.headers, b"".join(self.chunks))
-            if keep and self.storable and self.status
-            else None
-        )
-        shared = self.shared
-        store = shared.sync_store
-        if store is None:
-            return self._settle_async(response)
-        try:
-            if response is None:
-                store.release(self.lookup, self.token)
-            elif not store.complete(self.lookup, self.token, response):
-                shared.late_claim(self.lookup)
-        except Exception as error:
-            shared.failed(error, "to end a claim")
-        return None
-
-    async def _settle_async(self, response: StoredResponse | None) -> None:
-        shared = self.shared
-        store = shared.async_store
-        try:
-            if response is None:
-                await store.release(self.lookup, self.token)
-            elif not await store.complete(self.lookup, self.token, response):
-                shared.late_claim(self.lookup)
-        except Exception as error:
-            shared.failed(error, "to end a claim")
-
-
-def _is_token(text: str) -> bool:
-    """Whether ``text`` is an RFC 9110 token (a method or a header field name)."""
-    return text.isascii() and _TCHARS.fullmatch(text.encode("ascii")) is not None
+_UNSCOPED = f"{_NAMESPACE}\x00\x00"  # the lookup prefix without a tenant callable
 
 
 def _check_statuses(statuses: object) -> frozenset[int]:
@@ -365,7 +93,7 @@ def _check_methods(methods: object) -> frozenset[str]:
     for method in result:
         if not isinstance(method, str):
             raise TypeError(f"methods must hold HTTP method names (str), got {method!r}")
-        if not _is_token(method):
+        if not is_token(method):
             raise ValueError(f"methods must hold HTTP method names, got {method!r}")
     return frozenset(method.upper() for method in result)
 
@@ -406,12 +134,11 @@ class IdempotencyMiddleware:
     """
 
     __slots__ = (
+        "_fingerprints",
         "_header",
         "_header_name",
         "_max_body",
-        "_methods",
         "_required",
-        "_running",
         "_shared",
         "_tenant_of",
         "app",
@@ -434,25 +161,24 @@ class IdempotencyMiddleware:
             raise TypeError(f"app must be an ASGI application, got {app!r}")
         if not isinstance(header, str):
             raise TypeError(f"header must be a header field name (str), got {header!r}")
-        if not _is_token(header):
+        if not is_token(header):
             raise ValueError(f"header must be a header field name, got {header!r}")
         if not isinstance(required, bool):
             raise TypeError(f"required must be a bool, got {required!r}")
         if tenant is not None and not callable(tenant):
             raise TypeError(f"tenant must be a callable(asgi_scope) -> str or None, got {tenant!r}")
         self.app = app
-        self._methods = _check_methods(methods)
+        # Method -> its fingerprint function: which methods are guarded, and their hash
+        # states set up once.
+        self._fingerprints = {method: Fingerprinter(method) for method in _check_methods(methods)}
         self._header_name = header
         self._header = header.lower().encode("ascii")
         self._required = required
         self._tenant_of = tenant
         self._max_body = positive_int("max_body", max_body)
-        self._shared = _Shared(
+        self._shared = Shared(
             store, positive_int("max_response", max_response), _check_statuses(store_statuses)
         )
-        # Lookup key -> token of every request this middleware is running now: a 409 for one
-        # of them says "retry in 1 s", since its owner is alive and ends it soon.
-        self._running: dict[str, str] = {}
 
     @property
     def faults(self) -> int:
@@ -460,7 +186,11 @@ class IdempotencyMiddleware:
         return self._shared.faults.count
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in self._methods:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        fingerprinter = self._fingerprints.get(scope["method"])
+        if fingerprinter is None:
             await self.app(scope, receive, send)
             return
         # One pass over the request's headers. Names are compared as given: ASGI servers
@@ -480,33 +210,36 @@ class IdempotencyMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        key = parse_idempotency_key(raw)
+        plain = quoted_key(raw)  # what clients send: "key"; the rest is parsed in full
+        key = raw[1:-1].decode("ascii") if plain is not None else parse_idempotency_key(raw)
         if key is None:
             detail = f"must be a quoted string or a token of 1 to {MAX_KEY_LENGTH} characters"
             await self._problem(send, 400, "Malformed idempotency key", detail)
             return
+        limit = self._max_body
         try:
-            if declared is not None and declared.isdigit() and int(declared) > self._max_body:
-                raise _BodyTooLarge
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise BodyTooLarge
             message = await receive()
             if message["type"] == "http.request" and not message.get("more_body", False):
                 body: bytes | None = message.get("body", b"")  # the usual one-message body
-                if len(body) > self._max_body:  # type: ignore[arg-type]
-                    raise _BodyTooLarge
+                if len(body) > limit:  # type: ignore[arg-type]
+                    raise BodyTooLarge
                 if type(body) is not bytes:
                     body = bytes(body)  # type: ignore[arg-type]
             else:
-                body = await _read_body(receive, message, self._max_body)
-        except _BodyTooLarge:
-            detail = f"allows request bodies of at most {self._max_body} bytes"
+                body = await read_body(receive, message, limit)
+        except BodyTooLarge:
+            detail = f"allows request bodies of at most {limit} bytes"
             await self._problem(send, 413, "Request body too large", detail)
             return
         if body is None:
             return  # the client is gone before anything ran: nothing to claim or answer
-        tenant = "" if self._tenant_of is None else self._tenant(scope)
-        lookup = f"{_NAMESPACE}\x00{tenant}\x00{key}"
-        print_ = fingerprint(
-            scope["method"],
+        if self._tenant_of is None:
+            lookup = _UNSCOPED + key
+        else:
+            lookup = f"{_NAMESPACE}\x00{self._tenant(scope)}\x00{key}"
+        print_ = fingerprinter(
             scope.get("raw_path") or scope["path"].encode("utf-8"),
             scope.get("query_string", b""),
             body,
@@ -522,11 +255,11 @@ class IdempotencyMiddleware:
             shared.failed(error, "on begin()")
             await send_problem(send, 503, "Idempotency store unavailable", headers=[_RETRY_AFTER])
             return
-        if isinstance(outcome, Started):
+        if type(outcome) is Started or isinstance(outcome, Started):
             # Inline rather than a call: one coroutine less on every first request.
             token = outcome.token
-            run = _Run(shared, lookup, token, body, receive, send)
-            running = self._running
+            run = Run(shared, lookup, token, body, receive, send)
+            running = shared.running
             running[lookup] = token
             try:
                 await self.app(scope, run.receive, run.send)
@@ -574,7 +307,7 @@ class IdempotencyMiddleware:
         """``Retry-After`` for a 409: 1 s when this middleware runs the owner (it ends soon),
         else the seconds left of the owner's lease, rounded up, when the backend says."""
         left = outcome.retry_after
-        if lookup in self._running or left is None or not left > 1:
+        if lookup in self._shared.running or left is None or not left > 1:
             return _RETRY_AFTER
         return (b"retry-after", b"%d" % math.ceil(min(left, _RETRY_AFTER_MAX)))
 

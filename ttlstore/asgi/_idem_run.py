@@ -1,0 +1,213 @@
+"""One request run by its idempotency key's owner, and what every run of a middleware shares.
+
+Part of :class:`ttlstore.asgi.IdempotencyMiddleware`: hands the app the body already read,
+forwards the response while keeping a bounded copy, and ends the claim exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from typing import Any, cast
+
+from ttlstore._errors import BackendUnavailable
+from ttlstore._faults import FaultLog
+from ttlstore._idem_api import is_async_backend
+from ttlstore.asgi._http import Message, Receive, Send
+from ttlstore.idempotency import AsyncIdempotencyBackend, IdempotencyBackend, as_async_backend
+from ttlstore.records import StoredResponse
+
+__all__ = ["BodyTooLarge", "Run", "Shared", "read_body"]
+
+# A StoredResponse built without its Python-level __new__ (what NamedTuple._make does too).
+_as_response = tuple.__new__
+
+
+class BodyTooLarge(Exception):
+    """The request body outgrew ``max_body`` while it was being read."""
+
+
+async def read_body(receive: Receive, message: Message, limit: int) -> bytes | None:
+    """The whole request body, starting from its first ``message``; None if the client
+    disconnected first.
+
+    Raises :class:`BodyTooLarge` as soon as more than ``limit`` bytes have arrived, so at
+    most ``limit`` bytes (plus one chunk) are ever held.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        if message["type"] == "http.disconnect":
+            return None
+        if message["type"] == "http.request":
+            chunk = bytes(message.get("body", b""))
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+        message = await receive()
+
+
+class Shared:
+    """What every run of one middleware shares: the store (sync, or async), the response
+    limit, the statuses to store, the keys running now, and the fault logs."""
+
+    __slots__ = ("async_store", "faults", "late", "limit", "running", "statuses", "sync_store")
+
+    def __init__(
+        self,
+        store: IdempotencyBackend[StoredResponse] | AsyncIdempotencyBackend[StoredResponse],
+        limit: int,
+        statuses: frozenset[int],
+    ) -> None:
+        # A sync backend (the in-memory store) is called inline, without a coroutine around
+        # each call; an async one is awaited.
+        self.sync_store: IdempotencyBackend[StoredResponse] | None = (
+            None if is_async_backend(store, "store") else cast("IdempotencyBackend[Any]", store)
+        )
+        self.async_store = as_async_backend(store, name="store")
+        self.limit = limit
+        self.statuses = statuses
+        # Lookup key -> token of every request this middleware is running now: a 409 for one
+        # of them says "retry in 1 s", since its owner is alive and ends it soon.
+        self.running: dict[str, str] = {}
+        self.faults = FaultLog("IdempotencyMiddleware: the idempotency store failed")
+        self.late = FaultLog("IdempotencyMiddleware")
+
+    def late_claim(self, lookup: str) -> None:
+        self.late.log(
+            f"the claim on {lookup!r} ran out before the response was complete (lease "
+            "shorter than the request?); it was not stored"
+        )
+
+    def failed(self, error: Exception, action: str) -> None:
+        # Expected while a shared backend is down: counted, and logged once per interval.
+        self.faults.log(error, action, traceback=not isinstance(error, BackendUnavailable))
+
+
+class Run:
+    """One request run by its key's owner: hands the app the body already read, forwards the
+    response as it streams by while keeping a copy of at most ``limit`` bytes of headers and
+    body, and ends the claim exactly once.
+
+    The response itself is never held back. A response that outgrows the limit, has a status
+    not to be stored, or uses a message the copy cannot capture (trailers,
+    ``http.response.pathsend``) drops its copy (``chunks`` becomes None) and releases the key.
+    """
+
+    __slots__ = (
+        "body",
+        "chunks",
+        "headers",
+        "lookup",
+        "receive_rest",
+        "send_on",
+        "settled",
+        "shared",
+        "size",
+        "status",
+        "token",
+    )
+
+    def __init__(
+        self, shared: Shared, lookup: str, token: str, body: bytes, receive: Receive, send: Send
+    ) -> None:
+        self.shared = shared
+        self.lookup = lookup
+        self.token = token
+        self.body: bytes | None = body
+        self.receive_rest = receive
+        self.send_on = send
+        self.status = 0
+        self.headers: tuple[tuple[bytes, bytes], ...] = ()
+        self.chunks: list[bytes] | None = []
+        self.size = 0
+        self.settled = False
+
+    async def receive(self) -> Message:
+        """The body read before the claim, then the server's own messages (a disconnect)."""
+        body = self.body
+        if body is not None:
+            self.body = None
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await self.receive_rest()
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            chunks = self.chunks
+            if chunks is not None:
+                chunk = message.get("body", b"")
+                self.size += len(chunk)
+                if self.size > self.shared.limit:
+                    self.chunks = None
+                else:
+                    chunks.append(chunk if type(chunk) is bytes else bytes(chunk))
+            if not message.get("more_body", False) and not self.settled:
+                # Store before the last chunk leaves: a client that disconnects now and
+                # retries gets the replay, not a second execution.
+                pending = self.settle(True)
+                if pending is not None:
+                    await pending
+        elif kind == "http.response.start":
+            # Written out rather than a method: one call less on every first request.
+            self.status = status = int(message["status"])
+            copied = []
+            size = 0
+            for name, value in message.get("headers", ()):
+                if type(name) is not bytes:
+                    name = bytes(name)
+                if type(value) is not bytes:
+                    value = bytes(value)
+                copied.append((name, value))
+                size += len(name) + len(value)
+            # An immutable copy: the app may reuse its list.
+            self.headers = tuple(copied)
+            # Headers count against the limit too: a record's size is what it holds.
+            self.size = size
+            shared = self.shared
+            if (
+                status not in shared.statuses
+                or message.get("trailers", False)
+                or size > shared.limit
+            ):
+                self.chunks = None
+        else:
+            self.chunks = None
+        await self.send_on(message)
+
+    def settle(self, keep: bool) -> Coroutine[Any, Any, None] | None:
+        """End the claim: store the copy (``keep`` and storable) or release the key. Done here
+        for a sync store; for an async one, the coroutine to await. A store fault is logged:
+        the response is the app's and goes out regardless, and the lease ends the claim."""
+        self.settled = True
+        chunks = self.chunks
+        response: StoredResponse | None = (
+            _as_response(StoredResponse, (self.status, self.headers, b"".join(chunks)))
+            if keep and chunks is not None and self.status
+            else None
+        )
+        shared = self.shared
+        store = shared.sync_store
+        if store is None:
+            return self._settle_async(response)
+        try:
+            if response is None:
+                store.release(self.lookup, self.token)
+            elif not store.complete(self.lookup, self.token, response):
+                shared.late_claim(self.lookup)
+        except Exception as error:
+            shared.failed(error, "to end a claim")
+        return None
+
+    async def _settle_async(self, response: StoredResponse | None) -> None:
+        shared = self.shared
+        store = shared.async_store
+        try:
+            if response is None:
+                await store.release(self.lookup, self.token)
+            elif not await store.complete(self.lookup, self.token, response):
+                shared.late_claim(self.lookup)
+        except Exception as error:
+            shared.failed(error, "to end a claim")
