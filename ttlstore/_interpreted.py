@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, SupportsFloat
 
 from ttlstore._checks import ttl_or_none
 from ttlstore._core import StoreCore
-from ttlstore._steps import MISSING, drop_expired, flush, read, weigh, write
+from ttlstore._steps import MISSING, drop_expired, flush, read, weigh
 from ttlstore._types import DEFAULT_TTL, StoreDefault
+from ttlstore._writes import write
 
 if TYPE_CHECKING:
     from ttlstore.store import TTLStore
