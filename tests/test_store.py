@@ -510,7 +510,7 @@ def test_the_build_under_test_is_the_one_expected() -> None:
     expected = os.environ.get("TTLSTORE_EXPECT_COMPILED", "0") == "1"
     assert ttlstore.compiled is expected
     # Every module setup.py compiles, not just one of them.
-    names = ("_core", "_steps", "_deadlines", "_checks", "_gcra")
+    names = ("_core", "_steps", "_writes", "_flights", "_deadlines", "_checks", "_gcra")
     files = [str(sys.modules[f"ttlstore.{name}"].__file__) for name in names]
     assert [not file.endswith(".py") for file in files] == [expected] * len(names), files
 

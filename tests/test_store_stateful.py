@@ -436,8 +436,16 @@ class SlidingWeightedMachine(StoreMachine):
     threadsafe = False
 
 
+class UnlockedMachine(StoreMachine):
+    """The interpreted build's unlocked fast read path (ttlstore._interpreted)."""
+
+    threadsafe = False
+
+
 stateful = settings(max_examples=EXAMPLES, stateful_step_count=40, deadline=None)
 TestStore = StoreMachine.TestCase
 TestStore.settings = stateful
 TestSlidingWeightedStore = SlidingWeightedMachine.TestCase
 TestSlidingWeightedStore.settings = stateful
+TestUnlockedStore = UnlockedMachine.TestCase
+TestUnlockedStore.settings = stateful

@@ -2,43 +2,34 @@
 
 :class:`~ttlstore.store.TTLStore` is this class plus argument checks, weak-reference support
 and the ``MutableMapping`` mixins; it stays interpreted in every build, so its signature is the
-real one in ``help()``. This class, the steps in :mod:`ttlstore._steps` and the index are what
-mypyc compiles. Every method takes the lock (if any) itself and runs its steps under it.
+real one in ``help()``. This class, the steps in :mod:`ttlstore._steps`, :mod:`ttlstore._writes`
+and :mod:`ttlstore._flights` and the index are what mypyc compiles. Every method takes the lock
+(if any) itself and runs its steps under it. The interpreted build replaces the hottest methods
+with the bodies in :mod:`ttlstore._interpreted`.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import (
-    Awaitable,
-    Callable,
-    Coroutine,
-    Iterator,
-)
+from collections.abc import Callable, Iterator
 from typing import Any, SupportsFloat, TypeAlias, TypeVar
 
 from ttlstore._checks import positive_int, ttl_or_none
 from ttlstore._deadlines import INF, DeadlineIndex, Entry
+from ttlstore._flights import Flight, single_flight
 from ttlstore._mypyc import mypyc_attr
 from ttlstore._slot import Plan, Slot
 from ttlstore._steps import (
     MISSING,
-    Flight,
     Lock,
-    claim,
     do_clear,
-    do_compute,
     do_pop,
     do_popitem,
-    do_setdefault,
-    do_touch,
-    do_update,
     drop_expired,
     expire_due,
     flush,
     items_now,
-    land,
     live_count,
     live_len,
     read,
@@ -48,9 +39,9 @@ from ttlstore._steps import (
     snapshot_keys,
     snapshot_stats,
     weigh,
-    write,
 )
 from ttlstore._types import DEFAULT_TTL, RemovalCause, RemovalListener, StoreDefault, StoreStats
+from ttlstore._writes import do_compute, do_setdefault, do_touch, do_update, write
 
 __all__ = ["StoreCore"]
 
@@ -62,11 +53,6 @@ K: TypeAlias = Any
 V: TypeAlias = Any
 D = TypeVar("D")
 R = TypeVar("R")
-
-_ASYNC_FACTORY = (
-    "get_or_set() needs a plain factory, but {factory!r} returned an awaitable ({value!r}); "
-    "for an async factory use `await ttlstore.memo.aget_or_set(store, key, factory)`"
-)
 
 
 # An interpreted subclass (TTLStore) adds what a compiled class cannot have safely: a weak
@@ -399,32 +385,8 @@ class StoreCore:
         until it returns.
         """
         ttl = self._ttl if ttl is DEFAULT_TTL else ttl_or_none("ttl", ttl)
-        found, flight, owner = run(self, claim, key)
-        if flight is None:
-            return found
-        if not owner:
-            if flight.owner == threading.get_ident():
-                raise RuntimeError(f"get_or_set factory for {key!r} asked for its own key")
-            flight.done.wait()
-            if flight.error is not None:
-                raise flight.error
-            return flight.value
-        try:
-            value = factory()
-            if isinstance(value, Awaitable):
-                if isinstance(value, Coroutine):
-                    value.close()  # never awaited by anyone: close it, so no warning leaks
-                raise TypeError(_ASYNC_FACTORY.format(factory=factory, value=value))
-            run(self, write, key, value, ttl, weigh(self, key, value), False)
-        except BaseException as exc:
-            flight.error = exc
-            raise
-        else:
-            flight.value = value
-            return value
-        finally:
-            run(self, land, key, flight)
-            flight.done.set()
+        value: V = single_flight(self, key, factory, ttl)
+        return value
 
     def clear(self) -> None:
         """Remove every entry: live ones with cause ``DELETED``, due ones ``EXPIRED``. O(n)."""

@@ -19,6 +19,8 @@ K = TypeVar("K")
 V = TypeVar("V")
 D = TypeVar("D")
 
+_INF = float("inf")
+
 # What a Slot asks compute() to do once its function has returned.
 KEEP, WRITE, REMOVE = 0, 1, 2
 
@@ -79,19 +81,21 @@ class Slot(Generic[K, V]):
         A deadline already passed stores nothing and removes a live entry as expired.
         """
         plan = self._plan
-        self._check_busy(plan)
+        if not plan.busy:
+            self._check_busy(plan)
         checked_ttl: float | StoreDefault | None = DEFAULT_TTL
-        checked_deadline: float | None = None
         if deadline is not None:
             if ttl is not DEFAULT_TTL:
                 raise TypeError(f"give ttl or deadline, not both (got ttl={ttl!r})")
-            checked_deadline = finite_seconds("deadline", deadline)
+            # A finite float, the rate limiter's every call, skips the call to the check.
+            if type(deadline) is not float or not -_INF < deadline < _INF:
+                deadline = finite_seconds("deadline", deadline)
         elif ttl is not DEFAULT_TTL:
             checked_ttl = ttl_or_none("ttl", ttl)
         plan.op = WRITE
         plan.value = value
         plan.ttl = checked_ttl
-        plan.deadline = checked_deadline
+        plan.deadline = deadline
 
     def remove(self) -> None:
         """Remove the live entry when the function returns (cause ``DELETED``)."""

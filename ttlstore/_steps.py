@@ -1,4 +1,6 @@
-"""The steps of a TTLStore that run under its lock, as functions of the store.
+"""The steps of a TTLStore that run under its lock, as functions of the store: the plumbing
+(lock, callbacks, weights, removals, expiry) and the reads and removals. The write path is in
+:mod:`ttlstore._writes`, get_or_set()'s single flight in :mod:`ttlstore._flights`.
 
 Each takes the store as ``self`` and is what a method would be. They are module functions, not
 methods, because :class:`~ttlstore._core.StoreCore` allows an interpreted subclass (TTLStore,
@@ -10,19 +12,16 @@ CPython 3.11), while a module function is a direct C call. Interpreted, both cos
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
-from types import FunctionType
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
 
 from ttlstore._deadlines import INF, Entry
-from ttlstore._slot import KEEP, WRITE, Plan, Slot
-from ttlstore._types import DEFAULT_TTL, RemovalCause, StoreDefault, StoreStats
+from ttlstore._types import RemovalCause, StoreStats
 
 if TYPE_CHECKING:
     from ttlstore._core import StoreCore
 
-__all__ = ["BACKLOG_SLICE", "MISSING", "Flight", "Lock"]
+__all__ = ["BACKLOG_SLICE", "MISSING", "Lock"]
 
 # Keys and values as the compiled core sees them. The core is not Generic: mypyc gives a
 # Generic class a __dict__ and a weak-reference slot, which costs every entry 16 bytes and
@@ -37,11 +36,6 @@ logger = logging.getLogger("ttlstore")
 MISSING: Any = object()
 """An argument or result that is not there (``None`` may be a stored value)."""
 
-_new_entry = Entry.__new__
-# Whether Entry is an interpreted class (not compiled by mypyc), which write() builds without
-# calling its constructor.
-_PURE: Final = isinstance(Entry.__init__, FunctionType)
-
 BACKLOG_SLICE = 1024
 """Due entries reclaimed per lock hold when len(), iteration or popitem() meet a backlog."""
 
@@ -51,18 +45,6 @@ class Lock(Protocol):
 
     def acquire(self) -> bool: ...
     def release(self) -> None: ...
-
-
-class Flight:
-    """One get_or_set() factory call in progress, which other callers of the key wait on."""
-
-    __slots__ = ("done", "error", "owner", "value")
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.owner = threading.get_ident()
-        self.value: Any = None
-        self.error: BaseException | None = None
 
 
 # ---------------------------------------------------------------------- plumbing
@@ -178,226 +160,7 @@ def expire_due(self: StoreCore, limit: int | None, now: float | None = None) -> 
     return len(due)
 
 
-# ---------------------------------------------------------------------- the write path
-
-
-def write(
-    self: StoreCore,
-    key: K,
-    value: V,
-    ttl: float | None,
-    weight: float,
-    only_new: bool,
-    at: float | None = None,
-) -> bool:
-    """Write ``key``, due ``ttl`` from now (or ``at``); the body of set/add/[]=/compute.
-
-    Returns False, doing nothing, if ``only_new`` and the key is live. The steps: a live
-    key is replaced in place; otherwise an expired entry of the key is dropped, room is
-    made (a due entry reclaimed, else the LRU one evicted), and a new entry is filed.
-    The replacement, the eviction and the FIFO filing are written out here rather than
-    called, each because a call measured slower (figures at each step: medians of 25
-    interleaved rounds, n = 1 000, CPython 3.11, against this code with that step moved
-    into a method of its own).
-    """
-    now = self._clock()
-    deadline = (INF if ttl is None else now + ttl) if at is None else at
-    data = self._data
-    entry = data.get(key)
-    if entry is not None and entry.deadline > now:
-        if only_new:
-            return False
-        # Replace. Inline: as a _replace() call, set-update was 13-17 % slower.
-        data.move_to_end(key)
-        if self._weigher is not None:
-            # Count the new weight before making room, so the bound holds throughout.
-            self._weight -= self._weighed[key]
-            self._weighed[key] = 0.0
-            shed_weight(self, now, weight, replacing=True)
-        old_value = entry.value
-        entry.ttl = ttl
-        if entry.filed is not None and deadline >= entry.filed:
-            # _redate()'s common case, written out.
-            entry.value = value
-            entry.deadline = deadline
-        else:
-            redate(self, entry, deadline, value)
-        self._replacements += 1
-        if self._on_remove is not None:
-            self._pending.append((key, old_value, RemovalCause.REPLACED))
-    else:
-        if entry is not None:
-            del data[key]
-            removed(self, entry, RemovalCause.EXPIRED)
-        if len(data) >= self._maxsize:
-            # Make room. Inline: as a _make_room() call, set-evict was 4-8 % slower.
-            index = self._index
-            fifo = index.fifo
-            heap = index.heap
-            if (fifo and fifo[0].filed <= now) or (heap and heap[0][0] <= now):  # type: ignore[operator]
-                # One due entry frees the one slot needed; the rest of a backlog is left
-                # to sweeps and reads, so a write never pays for more than it frees.
-                expire_due(self, 1, now)
-            while len(data) >= self._maxsize:
-                victim = data.popitem(False)[1]
-                if victim.filed is not None:
-                    if fifo and fifo[0] is victim:
-                        fifo.popleft()  # the common case: LRU and FIFO heads coincide
-                    else:
-                        index.discard(victim, data)
-                self._evictions += 1
-                if self._weigher is not None:
-                    self._weight -= self._weighed.pop(victim.key)
-                if self._on_remove is not None:
-                    self._pending.append((victim.key, victim.value, RemovalCause.EVICTED))
-        if self._weigher is not None:
-            shed_weight(self, now, weight, replacing=False)
-        if _PURE:
-            # Interpreted, a constructor call made set-evict 3-5 % slower (measured as
-            # above): build the entry without one. Compiled, the constructor is a direct
-            # C call, and the only way mypyc builds an Entry.
-            entry = _new_entry(Entry)
-            entry.key = key
-            entry.value = value
-            entry.deadline = deadline
-            entry.filed = None
-            entry.ttl = ttl
-        else:
-            entry = Entry(key, value, deadline, ttl)
-        data[key] = entry
-        fifo = self._index.fifo
-        # DeadlineIndex.file() written out for its common case (default TTL, in order):
-        # calling it made set-evict 8-9 % slower.
-        if ttl == self._ttl and deadline != INF and (not fifo or fifo[-1].filed <= deadline):  # type: ignore[operator]
-            entry.filed = deadline
-            fifo.append(entry)
-        elif deadline != INF:
-            self._index.file(entry)
-    if self._weigher is not None:
-        self._weighed[key] = weight
-        self._weight += weight
-    self._writes += 1
-    return True
-
-
-def redate(self: StoreCore, entry: Entry, deadline: float, value: V) -> None:
-    """Give the live ``entry`` a new deadline and value, keeping the index exact.
-
-    A later deadline is updated in place (O(1)): the old item is re-filed when it
-    surfaces. An earlier one needs a fresh entry and index item (O(log n)).
-    """
-    if entry.filed is None or deadline >= entry.filed:
-        entry.value = value
-        entry.deadline = deadline
-        if entry.filed is None and deadline != INF:
-            self._index.file(entry)
-    else:
-        fresh = Entry(entry.key, value, deadline, entry.ttl)
-        self._data[entry.key] = fresh
-        self._index.discard(entry, self._data)
-        self._index.file(fresh)
-
-
-def shed_weight(self: StoreCore, now: float, weight: float, replacing: bool) -> None:
-    """Reclaim due entries, then evict LRU ones, until ``weight`` more fits the bound.
-
-    When ``replacing``, the entry being replaced sits at the MRU end with weight 0 by now
-    and must never be its own victim: once it is the only one left, everything fits.
-    """
-    maxweight = self._maxweight
-    # Due entries go first, one at a time: only as many as the new weight needs, so a
-    # backlog of due entries costs this write no more than what it frees.
-    while self._weight + weight > maxweight and expire_due(self, 1, now):
-        pass
-    data = self._data
-    last = 1 if replacing else 0
-    while self._weight + weight > maxweight:
-        if len(data) <= last:
-            # Only float residue of many additions and subtractions is left over.
-            self._weight = 0.0
-            break
-        removed(self, data.popitem(False)[1], RemovalCause.EVICTED)
-
-
 # ---------------------------------------------------------------------- method bodies
-
-
-def do_setdefault(self: StoreCore, key: K, default: V, ttl: float | None, weight: float) -> V:
-    entry = live(self, key)
-    if entry is not None:
-        return hit(self, entry)
-    write(self, key, default, ttl, weight, False)
-    return default
-
-
-def do_update(self: StoreCore, items: list[tuple[K, V]], weights: list[float]) -> None:
-    for (key, value), weight in zip(items, weights, strict=True):
-        write(self, key, value, self._ttl, weight, False)
-
-
-def do_compute(self: StoreCore, key: K, fn: Callable[[Slot[Any, Any]], R]) -> R:
-    plan = self._plan
-    slot = self._slot
-    if plan.busy:  # an outer compute()'s function called this (unlocked) store
-        plan = Plan()
-        slot = Slot(plan)
-    entry = live(self, key)
-    slot.key = key
-    slot.now = now = self._clock()
-    if entry is None:
-        slot.found = False
-        slot.value = None
-    else:
-        slot.found = True
-        slot.value = entry.value
-    plan.op = KEEP
-    plan.busy = True
-    try:
-        result = fn(slot)
-    finally:
-        plan.busy = False
-        # Hold no reference to the value or key once the call is over.
-        slot.key = slot.value = None
-        slot.found = False
-    # fn returned: weigh what it asked to write (may raise: nothing done yet), count the
-    # read, then do what it asked for.
-    op = plan.op
-    if op == KEEP:
-        if entry is None:
-            self._misses += 1
-        else:
-            hit(self, entry)
-        return result
-    weight = 0.0
-    if op == WRITE and self._weigher is not None:
-        weight = weigh(self, key, plan.value)
-    if entry is None:
-        self._misses += 1
-    else:
-        hit(self, entry)
-    if op == WRITE:
-        compute_write(self, key, plan, now, weight)
-        plan.value = None
-    elif entry is not None:  # REMOVE
-        entry = self._data[key]  # _hit() may have renewed it, never replaced it
-        del self._data[key]
-        removed(self, entry, RemovalCause.DELETED)
-    return result
-
-
-def compute_write(self: StoreCore, key: K, plan: Plan, now: float, weight: float) -> None:
-    deadline = plan.deadline
-    if deadline is None:
-        ttl = self._ttl if plan.ttl is DEFAULT_TTL else plan.ttl
-        write(self, key, plan.value, ttl, weight, False)
-    elif deadline > now:
-        # The entry's own TTL (what sliding and touch() renew) is the time it was given.
-        write(self, key, plan.value, deadline - now, weight, False, deadline)
-    else:
-        entry = self._lookup(key)
-        if entry is not None:
-            del self._data[key]
-            removed(self, entry, RemovalCause.EXPIRED)
 
 
 def hit(self: StoreCore, entry: Entry) -> V:
@@ -436,41 +199,12 @@ def do_popitem(self: StoreCore) -> tuple[K, V] | None:
     return key, entry.value
 
 
-def do_touch(self: StoreCore, key: K, ttl: float | StoreDefault | None) -> bool:
-    entry = live(self, key)
-    if entry is None:
-        return False
-    if ttl is not DEFAULT_TTL:
-        entry.ttl = ttl
-    self._to_end(key)
-    redate(self, entry, INF if entry.ttl is None else self._clock() + entry.ttl, entry.value)
-    return True
-
-
 def remaining(self: StoreCore, key: K) -> float | None:
     entry = self._lookup(key)
     now = self._clock()
     if entry is None or entry.deadline <= now:
         raise KeyError(key)
     return None if entry.deadline == INF else entry.deadline - now
-
-
-def claim(self: StoreCore, key: K) -> tuple[V | None, Flight | None, bool]:
-    """Look ``key`` up for get_or_set: (value, None, _) on a hit, else its flight."""
-    entry = live(self, key)
-    if entry is not None:
-        return hit(self, entry), None, False
-    self._misses += 1
-    flight = self._flights.get(key)
-    if flight is not None:
-        return None, flight, False
-    flight = self._flights[key] = Flight()
-    return None, flight, True
-
-
-def land(self: StoreCore, key: K, flight: Flight) -> None:
-    if self._flights.get(key) is flight:
-        del self._flights[key]
 
 
 def do_clear(self: StoreCore) -> None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, SupportsFloat, TypeVar, overload
 
 from ttlstore._checks import positive_int, ttl_or_none
 from ttlstore._core import StoreCore
+from ttlstore._interpreted import INTERPRETED, METHODS
 from ttlstore._slot import Slot
 from ttlstore._types import (
     DEFAULT_TTL,
@@ -65,8 +66,9 @@ class TTLStore(StoreCore, MutableMapping[K, V]):
     TTLStore is final (its compiled build cannot be subclassed): wrap it instead.
     """
 
-    # The weak reference slot lives here, not in the compiled StoreCore (see there).
-    __slots__ = ("__weakref__",)
+    # The weak reference slot lives here, not in the compiled StoreCore (see there). The
+    # other two serve the interpreted build's fast paths (ttlstore._interpreted).
+    __slots__ = ("__weakref__", "_plain_get", "_plain_set")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # The compiled build refuses subclasses; the pure one says so too, so both behave alike.
@@ -110,6 +112,15 @@ class TTLStore(StoreCore, MutableMapping[K, V]):
         super().__init__(
             maxsize, seconds, bool(sliding), maxweight, weigher, clock, on_remove, threadsafe
         )
+        self._plain_get = None if threadsafe or sliding else self._lookup
+        self._plain_set = not threadsafe and weigher is None and on_remove is None
+
+    if not TYPE_CHECKING and INTERPRETED:
+        # The interpreted build's faster bodies (see ttlstore._interpreted).
+        get = METHODS["get"]
+        __getitem__ = METHODS["__getitem__"]
+        set = METHODS["set"]
+        __setitem__ = METHODS["__setitem__"]
 
     if TYPE_CHECKING:
         # The typed API, for type checkers only: at run time every method is StoreCore's,
