@@ -23,6 +23,8 @@ from setuptools import setup
 COMPILED = (
     "ttlstore/_core.py",
     "ttlstore/_steps.py",
+    "ttlstore/_writes.py",
+    "ttlstore/_flights.py",
     "ttlstore/_deadlines.py",
     "ttlstore/_checks.py",
     "ttlstore/_gcra.py",
