@@ -229,7 +229,7 @@ class RateLimitMiddleware:
             return
 
         # A plain function handing back send's awaitable: as a coroutine of its own it added
-        # a frame per message (0.4 µs of the middleware's cost per request, measured).
+        # a frame per message (750 instructions per request more, callgrind, CPython 3.11).
         def send_with_fields(message: Message) -> Awaitable[None]:
             if message["type"] == "http.response.start":
                 # A copy: the app may reuse its message objects.
