@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import logging
 import math
@@ -27,7 +29,8 @@ from ttlstore.asgi import (
     client_host,
     get_header,
 )
-from ttlstore.asgi.ratelimit import _FIELDS_KEPT, ratelimit_field
+from ttlstore.asgi._ratelimit_run import FIELDS_KEPT
+from ttlstore.asgi.ratelimit import ratelimit_field
 from ttlstore.ratelimit import Decision, Limit, TokenBucketLimiter
 from ttlstore.testing import FakeClock, RedisServer
 
@@ -186,6 +189,25 @@ async def test_non_http_scopes_pass_through(clock: FakeClock) -> None:
         await middleware({"type": "websocket", "client": ("192.0.2.1", 1)}, receive, send)
     assert seen == ["lifespan", "websocket"] * 3
     assert limiter.stats().allowed == limiter.stats().denied == 0
+
+
+async def test_servers_see_an_asgi3_app_whose_calls_are_coroutines(clock: FakeClock) -> None:
+    """uvicorn tells ASGI 3 from ASGI 2 by ``__call__`` being a coroutine function, and task
+    groups want a coroutine object: both hold in the compiled build too, whose ``__call__``
+    is mypyc's."""
+    middleware = RateLimitMiddleware(hello, TokenBucketLimiter(1, 1, clock=clock))
+    assert inspect.iscoroutinefunction(middleware.__call__)
+    assert asyncio.iscoroutinefunction(middleware.__call__)
+    seen: list[Message] = []
+
+    async def send(message: Message) -> None:
+        seen.append(message)
+
+    scope = http_scope(client=("192.0.2.1", 1))
+    call = middleware(scope, None, send)  # type: ignore[arg-type]
+    assert asyncio.iscoroutine(call)
+    await asyncio.create_task(call)
+    assert seen[0]["status"] == 200
 
 
 class SharedLimiter:
@@ -492,4 +514,4 @@ async def test_the_kept_fields_stay_bounded() -> None:
     decisions = [Decision(True, remaining, 0.0, 9.0, 0.5, limits[0]) for remaining in range(3_000)]
     middleware = RateLimitMiddleware(hello, Scripted(limits, decisions))
     await fields_sent(middleware, len(decisions))
-    assert 0 < len(middleware._fields) <= _FIELDS_KEPT
+    assert 0 < len(middleware._fields) <= FIELDS_KEPT

@@ -19,7 +19,8 @@ from ttlstore._checks import positive_int, ttl_or_none
 from ttlstore._deadlines import INF, DeadlineIndex, Entry
 from ttlstore._flights import Flight, single_flight
 from ttlstore._mypyc import mypyc_attr
-from ttlstore._slot import Plan, Slot
+from ttlstore._slot import Slot
+from ttlstore._slot_core import Plan, SlotCore
 from ttlstore._steps import (
     MISSING,
     Lock,
@@ -119,9 +120,10 @@ class StoreCore:
         self._to_end = self._data.move_to_end
         self._index: DeadlineIndex = DeadlineIndex(ttl)
         self._flights: dict[K, Flight] = {}
-        # Reused by every compute() (see ttlstore._slot): one call at a time holds the lock.
+        # Reused by every compute() (see ttlstore._slot_core): one call at a time holds the lock.
         self._plan = Plan()
-        self._slot: Slot[Any, Any] = Slot(self._plan)
+        # Typed as the compiled half, whose fields compiled code then reads natively.
+        self._slot: SlotCore = Slot(self._plan)
         self._hits = self._misses = self._writes = 0
         self._expirations = self._evictions = self._deletions = self._replacements = 0
 

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, Final, NamedTuple, TypeAlias
 
 from ttlstore._checks import positive_int
 
@@ -32,7 +32,7 @@ __all__ = [
     "wait_sync",
 ]
 
-NS = 1_000_000_000
+NS: Final = 1_000_000_000
 """Nanoseconds per second; an int, so that ``int / NS`` is correctly rounded."""
 
 # Bounds on a limit's seconds per token (1 / rate) and window (capacity / rate), far beyond any

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import FunctionType
-from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar, cast
 
 from ttlstore._deadlines import INF, Entry
-from ttlstore._slot import KEEP, WRITE, Plan, Slot
+from ttlstore._slot import Slot
+from ttlstore._slot_core import KEEP, WRITE, Plan, SlotCore
 from ttlstore._steps import drop_expired, expire_due, hit, live, removed, weigh
 from ttlstore._types import DEFAULT_TTL, RemovalCause, StoreDefault
 
@@ -194,7 +195,7 @@ def do_touch(self: StoreCore, key: K, ttl: float | StoreDefault | None) -> bool:
 
 def do_compute(self: StoreCore, key: K, fn: Callable[[Slot[Any, Any]], R]) -> R:
     plan = self._plan
-    slot = self._slot
+    slot: SlotCore = self._slot
     if plan.busy:  # an outer compute()'s function called this (unlocked) store
         plan = Plan()
         slot = Slot(plan)
@@ -218,7 +219,7 @@ def do_compute(self: StoreCore, key: K, fn: Callable[[Slot[Any, Any]], R]) -> R:
     plan.op = KEEP
     plan.busy = True
     try:
-        result = fn(slot)
+        result = fn(cast("Slot[Any, Any]", slot))
     finally:
         plan.busy = False
         # Hold no reference to the value or key once the call is over.

@@ -23,7 +23,7 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
-from ttlstore._bucket_steps import Tally, step_for
+from ttlstore._bucket_steps import Tally, step_for, store_clock_for
 from ttlstore._checks import positive_int
 from ttlstore._gcra import (
     NS,
@@ -167,14 +167,8 @@ class TokenBucketLimiter:
         # Times are kept relative to construction: smaller ints, and float seconds in the
         # store keep nanosecond resolution for weeks instead of since boot.
         self._epoch = self._now()
-        epoch, now_ns = self._epoch, self._now
-
-        def store_clock() -> float:
-            # The same instants the limiter computes with, so deadlines land exactly.
-            return (now_ns() - epoch) / NS
-
         self._store: TTLStore[Hashable, State] = TTLStore(
-            maxsize, clock=store_clock, threadsafe=threadsafe
+            maxsize, clock=store_clock_for(self._now, self._epoch), threadsafe=threadsafe
         )
         self._steps: dict[int, Callable[[Slot[Hashable, State]], Decision]] = {}
         self._tally = Tally()
