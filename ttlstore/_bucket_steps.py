@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable
+from typing import Any, Final
 
-from ttlstore._gcra import NS, Bucket, Decision, State, decide, full_at, take_one
+from ttlstore._gcra import NS, Bucket, Decision, State, check_cost, decide, full_at, take_one
+from ttlstore._mypyc import mypyc_attr
 from ttlstore._slot import Slot
 from ttlstore._slot_core import SlotCore, set_until
+from ttlstore.store import TTLStore
 
-__all__ = ["Step", "Tally", "deadline_at", "step_for", "store_clock_for"]
+__all__ = ["LimiterCore", "Step", "Tally", "deadline_at", "step_for", "store_clock_for"]
 
 Step = Callable[[Slot[Hashable, State | None]], Decision]
 
@@ -97,3 +100,54 @@ def step_for(
         return decision
 
     return many_limits
+
+
+# Decision functions kept per limiter, one per cost seen.
+_STEPS_KEPT: Final = 64
+
+
+# Subclassed by the interpreted TokenBucketLimiter, which checks the arguments, holds the
+# weak-reference slot and declares the typed API (as TTLStore does for StoreCore).
+@mypyc_attr(allow_interpreted_subclasses=True)
+class LimiterCore:
+    """The state of a TokenBucketLimiter and its ``acquire``; see
+    :class:`ttlstore.ratelimit.TokenBucketLimiter`. Compiled with the core, an ``acquire``
+    runs no interpreted frame."""
+
+    __slots__ = ("_buckets", "_epoch", "_now", "_steps", "_store", "_tally")
+
+    def __init__(
+        self,
+        buckets: tuple[Bucket, ...],
+        now_ns: Callable[[], int],
+        store: TTLStore[Hashable, Any],
+        epoch: int,
+    ) -> None:
+        self._buckets = buckets
+        self._now = now_ns
+        self._epoch = epoch
+        self._store = store
+        self._steps: dict[int, Step] = {}
+        self._tally = Tally()
+
+    def acquire(self, key: Any, cost: Any = 1) -> Decision:
+        """Take ``cost`` tokens from every bucket of ``key`` if all have enough; else none.
+
+        ``ValueError`` at once if ``cost`` exceeds a limit's capacity (it could never pass).
+        O(limits) plus one store read and, if allowed, one store write, under one lock hold.
+        """
+        if type(cost) is not int or cost != 1:  # 1 is always valid: skip the call
+            cost = check_cost(self._buckets, cost)
+        step = self._steps.get(cost)
+        if step is None:
+            step = self._step_for(cost)
+        return self._store.compute(key, step)
+
+    def _step_for(self, cost: int) -> Step:
+        """The compute() function deciding a request of ``cost``; kept per cost, so that an
+        acquire builds no closure (most callers use one or two costs)."""
+        step = step_for(self._buckets, self._now, self._epoch, cost, self._tally)
+        if len(self._steps) >= _STEPS_KEPT:
+            self._steps.clear()
+        self._steps[cost] = step
+        return step

@@ -21,9 +21,9 @@ import inspect
 import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
-from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast, overload
 
-from ttlstore._bucket_steps import Tally, step_for, store_clock_for
+from ttlstore._bucket_steps import LimiterCore, store_clock_for
 from ttlstore._checks import positive_int
 from ttlstore._gcra import (
     NS,
@@ -40,7 +40,7 @@ from ttlstore._gcra import (
     wait_async,
     wait_sync,
 )
-from ttlstore.store import Slot, TTLStore
+from ttlstore.store import TTLStore
 
 __all__ = [
     "AsyncLimiter",
@@ -56,8 +56,6 @@ __all__ = [
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-_STEPS_KEPT = 64  # decision functions kept per limiter, one per cost seen
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +98,7 @@ class AsyncLimiter(Protocol):
         ...
 
 
-class TokenBucketLimiter:
+class TokenBucketLimiter(LimiterCore):
     """Per-key token buckets on a bounded TTLStore; one or several limits, all-or-nothing.
 
     ``TokenBucketLimiter(rate, capacity)`` for one limit, or ``TokenBucketLimiter(limits=[...])``
@@ -120,15 +118,9 @@ class TokenBucketLimiter:
     read and write, O(1), or O(log n) when the store files a new deadline.
     """
 
-    __slots__ = (
-        "__weakref__",  # ttlstore.metrics holds registered limiters weakly
-        "_buckets",
-        "_epoch",
-        "_now",
-        "_steps",
-        "_store",
-        "_tally",
-    )
+    # ttlstore.metrics holds registered limiters weakly; the rest of the state is
+    # LimiterCore's.
+    __slots__ = ("__weakref__",)
 
     @overload
     def __init__(
@@ -162,44 +154,22 @@ class TokenBucketLimiter:
         chosen = limits_from(rate, capacity, limits)
         if not callable(clock):
             raise TypeError(f"clock must be callable, got {clock!r}")
-        self._buckets = buckets_of(chosen)
-        self._now = _ns_clock(clock)
+        now_ns = _ns_clock(clock)
         # Times are kept relative to construction: smaller ints, and float seconds in the
         # store keep nanosecond resolution for weeks instead of since boot.
-        self._epoch = self._now()
-        self._store: TTLStore[Hashable, State] = TTLStore(
-            maxsize, clock=store_clock_for(self._now, self._epoch), threadsafe=threadsafe
+        epoch = now_ns()
+        store: TTLStore[Hashable, State] = TTLStore(
+            maxsize, clock=store_clock_for(now_ns, epoch), threadsafe=threadsafe
         )
-        self._steps: dict[int, Callable[[Slot[Hashable, State]], Decision]] = {}
-        self._tally = Tally()
+        super().__init__(buckets_of(chosen), now_ns, store, epoch)
 
     # ------------------------------------------------------------------ decisions
 
-    def acquire(self, key: Hashable, cost: int = 1) -> Decision:
-        """Take ``cost`` tokens from every bucket of ``key`` if all have enough; else none.
-
-        ``ValueError`` at once if ``cost`` exceeds a limit's capacity (it could never pass).
-        O(limits) plus one store read and, if allowed, one store write, under one lock hold.
-        """
-        if cost != 1 or type(cost) is not int:  # 1 is always valid: skip the call
-            cost = check_cost(self._buckets, cost)
-        step = self._steps.get(cost)
-        if step is None:
-            step = self._step_for(cost)
-        return self._store.compute(key, step)
-
-    def _step_for(self, cost: int) -> Callable[[Slot[Hashable, State]], Decision]:
-        """The compute() function deciding a request of ``cost``; kept per cost, so that an
-        acquire builds no closure (most callers use one or two costs)."""
-        # A Slot's value is None where the key holds nothing, which its type does not say.
-        step = cast(
-            Callable[[Slot[Hashable, State]], Decision],
-            step_for(self._buckets, self._now, self._epoch, cost, self._tally),
-        )
-        if len(self._steps) >= _STEPS_KEPT:
-            self._steps.clear()
-        self._steps[cost] = step
-        return step
+    if TYPE_CHECKING:
+        # The typed signature; the body is LimiterCore's (compiled with the core).
+        def acquire(self, key: Hashable, cost: int = 1) -> Decision:
+            """Take ``cost`` tokens from every bucket of ``key`` if all have enough."""
+            ...
 
     def try_acquire(self, key: Hashable, cost: int = 1) -> bool:
         """Whether ``cost`` tokens were taken from ``key``, as :meth:`acquire` does. O(limits)."""
