@@ -557,6 +557,24 @@ def test_compute_reads_decides_and_writes_counting_a_read_and_a_write(
     assert events == [("n", 1, RemovalCause.REPLACED)]
 
 
+def test_compute_hands_its_function_a_generic_slot_without_a_dict(clock: FakeClock) -> None:
+    """The Slot a function gets is the public, subscriptable type, and (compiled or not) an
+    object of fixed slots: no __dict__, and no weak-reference slot for the collector."""
+    seen: list[Slot[str, int]] = []
+
+    def keep(slot: Slot[str, int]) -> None:
+        seen.append(slot)
+        slot.set(1, deadline=slot.now + 5.0)
+
+    store = make(clock, True)
+    store.compute("k", keep)
+    assert isinstance(seen[0], Slot) and Slot[str, int] is not None
+    assert not hasattr(seen[0], "__dict__") and not hasattr(seen[0], "__weakref__")
+    assert store.ttl("k") == 5.0
+    with pytest.raises(RuntimeError, match="only valid inside the compute"):
+        seen[0].set(2)
+
+
 def test_compute_that_writes_nothing_is_a_read_only(clock: FakeClock) -> None:
     store = make(clock, maxsize=2)
     store.update(a=1, b=2)
