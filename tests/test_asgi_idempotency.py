@@ -653,6 +653,37 @@ def test_a_middleware_s_fingerprint_is_the_defined_one_for_long_paths_too(
     )
 
 
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([b"/a", b"/b", b"/a?", b""]) | st.binary(max_size=8),
+            st.sampled_from([b"", b"x=1", b"/a"]) | st.binary(max_size=8),
+            st.binary(max_size=40),
+        ),
+        max_size=40,
+    )
+)
+def test_one_fingerprinter_reused_gives_the_defined_fingerprint_every_time(
+    requests: list[tuple[bytes, bytes, bytes]],
+) -> None:
+    # A Fingerprinter keeps hash states per (path, query): reused over repeated and distinct
+    # paths and queries (an empty one too), each answer is still the defined one.
+    fingerprinter = Fingerprinter("PATCH")
+    for path, query, body in requests * 2:
+        expected = fingerprint_by_definition("PATCH", path, query, body)
+        assert fingerprinter(path, query, body) == expected
+
+
+def test_a_fingerprinter_keeps_a_bounded_number_of_hash_states() -> None:
+    fingerprinter = Fingerprinter("POST")
+    for i in range(1_000):
+        path = b"/orders/%d" % i
+        assert fingerprinter(path, b"", b"{}") == fingerprint_by_definition(
+            "POST", path, b"", b"{}"
+        )
+    assert 0 < len(fingerprinter._states) <= 128
+
+
 def test_the_fingerprint_keeps_parts_apart() -> None:
     assert fingerprint("POST", b"/a", b"b", b"") != fingerprint("POST", b"/ab", b"", b"")
 
