@@ -29,6 +29,8 @@ COMPILED = (
     "ttlstore/_checks.py",
     "ttlstore/_gcra.py",
     "ttlstore/_bucket_steps.py",
+    "ttlstore/_idem_core.py",
+    "ttlstore/asgi/_idem_run.py",
 )
 
 #: Commands that build binaries. Anything else (sdist, egg_info, editable_wheel, develop)
