@@ -25,7 +25,8 @@ __all__ = ["ABSENT", "ClaimTable", "IdempotencyCore", "Record"]
 # A record is ``(fingerprint, result)``, or ``(fingerprint, status, headers, body)`` for a
 # StoredResponse; a claim is ``(fingerprint, token, deadline)``. Exact tuples of strings, bytes
 # and ints are untracked by CPython's cyclic GC, so a full store costs a full collection one
-# object per entry (the store's own), not three.
+# object per entry (the store's own), not three. (A record holding its Replay would spare a
+# replay building it, but costs the collector three objects more per record.)
 Record: TypeAlias = tuple[Any, ...]
 
 ABSENT: Any = object()
@@ -37,6 +38,12 @@ _TOKEN_BATCH = 64
 
 # A StoredResponse rebuilt from a record without its Python-level __new__.
 _as_response = tuple.__new__
+
+# Outcomes built without their dataclass __init__ (a Python frame and a frozen setattr): the
+# object, then its one slot set through the slot's own descriptor. A fifth cheaper, and equal.
+_new = object.__new__
+_set_token = Started.__dict__["token"].__set__
+_set_result = Replay.__dict__["result"].__set__
 
 
 class ClaimTable:
@@ -211,9 +218,12 @@ class IdempotencyCore:
                     self._mismatches += 1
                     return MISMATCH
                 self._replays += 1
+                replay: Replay[Any] = _new(Replay)
                 if len(record) == 4:  # a flattened StoredResponse, see complete()
-                    return Replay(_as_response(StoredResponse, record[1:]))
-                return Replay(record[1])
+                    _set_result(replay, _as_response(StoredResponse, record[1:]))
+                else:
+                    _set_result(replay, record[1])
+                return replay
             claims = self._claims
             data = claims.data
             now = self._clock()
@@ -237,7 +247,9 @@ class IdempotencyCore:
             token = tokens.pop()
             data[key] = (fingerprint, token, now + claims.lease)
             self._claims_started += 1
-            return Started(token)
+            started: Started = _new(Started)
+            _set_token(started, token)
+            return started
         finally:
             if lock is not None:
                 lock.release()

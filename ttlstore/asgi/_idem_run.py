@@ -18,6 +18,9 @@ from ttlstore.records import StoredResponse
 
 __all__ = ["BodyTooLarge", "Run", "Shared", "read_body"]
 
+# Distinct header tuples a middleware shares between its stored responses.
+_HEADER_SETS = 256
+
 # A StoredResponse built without its Python-level __new__ (what NamedTuple._make does too).
 _as_response = tuple.__new__
 
@@ -53,7 +56,16 @@ class Shared:
     """What every run of one middleware shares: the store (sync, or async), the response
     limit, the statuses to store, the keys running now, and the fault logs."""
 
-    __slots__ = ("async_store", "faults", "late", "limit", "running", "statuses", "sync_store")
+    __slots__ = (
+        "async_store",
+        "faults",
+        "header_sets",
+        "late",
+        "limit",
+        "running",
+        "statuses",
+        "sync_store",
+    )
 
     def __init__(
         self,
@@ -72,6 +84,12 @@ class Shared:
         # Lookup key -> token of every request this middleware is running now: a 409 for one
         # of them says "retry in 1 s", since its owner is alive and ends it soon.
         self.running: dict[str, str] = {}
+        # Response headers as stored, each distinct tuple once: most responses repeat the same
+        # headers, and a record sharing them holds 7 objects less (Starlette's two headers).
+        # Bounded: cleared when full, so unbounded variety costs sharing, never memory.
+        self.header_sets: dict[
+            tuple[tuple[bytes, bytes], ...], tuple[tuple[bytes, bytes], ...]
+        ] = {}
         self.faults = FaultLog("IdempotencyMiddleware: the idempotency store failed")
         self.late = FaultLog("IdempotencyMiddleware")
 
@@ -162,11 +180,21 @@ class Run:
                     value = bytes(value)
                 copied.append((name, value))
                 size += len(name) + len(value)
-            # An immutable copy: the app may reuse its list.
-            self.headers = tuple(copied)
+            # An immutable copy (the app may reuse its list), shared with earlier responses
+            # that had the same headers.
+            headers = tuple(copied)
+            shared = self.shared
+            header_sets = shared.header_sets
+            known = header_sets.get(headers)
+            if known is None:
+                if len(header_sets) >= _HEADER_SETS:
+                    header_sets.clear()
+                header_sets[headers] = headers
+            else:
+                headers = known
+            self.headers = headers
             # Headers count against the limit too: a record's size is what it holds.
             self.size = size
-            shared = self.shared
             if (
                 status not in shared.statuses
                 or message.get("trailers", False)
