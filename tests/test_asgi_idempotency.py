@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -612,6 +613,13 @@ def test_the_quoted_key_fast_path_takes_every_plain_quoted_key(text: str) -> Non
     expected = key_by_http_sf(value)
     assert (quoted_key(value) is not None) == (expected is not None)
     assert parse_idempotency_key(value) == expected
+
+
+def test_the_middleware_is_a_coroutine_function_for_servers_that_ask() -> None:
+    # uvicorn and others tell ASGI 3 apps from ASGI 2 ones by asking this, in both builds.
+    middleware = IdempotencyMiddleware(CountingApp(), IdempotencyStore())
+    assert inspect.iscoroutinefunction(middleware.__call__)
+    assert asyncio.iscoroutinefunction(middleware.__call__)
 
 
 def fingerprint_by_definition(method: str, path: bytes, query: bytes, body: bytes) -> str:
