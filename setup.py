@@ -30,8 +30,8 @@ COMPILED = (
     "ttlstore/_gcra.py",
     "ttlstore/_bucket_steps.py",
     "ttlstore/_idem_core.py",
-    "ttlstore/asgi/_idem_run.py",
-    "ttlstore/asgi/_idem_call.py",
+    "ttlstore/_idem_run.py",
+    "ttlstore/_idem_call.py",
 )
 
 #: Commands that build binaries. Anything else (sdist, egg_info, editable_wheel, develop)

@@ -36,7 +36,7 @@ from ttlstore.asgi import (
 )
 from ttlstore.asgi._idem_key import Fingerprinter, quoted_key
 from ttlstore.asgi.idempotency import fingerprint
-from ttlstore.idempotency import IdempotencyStore, InProgress, Outcome, Started
+from ttlstore.idempotency import IdempotencyStore, InProgress, Outcome, Replay, Started
 from ttlstore.testing import FakeClock, RedisServer
 
 KEY = "Idempotency-Key"
@@ -613,6 +613,28 @@ def test_the_quoted_key_fast_path_takes_every_plain_quoted_key(text: str) -> Non
     expected = key_by_http_sf(value)
     assert (quoted_key(value) is not None) == (expected is not None)
     assert parse_idempotency_key(value) == expected
+
+
+class _JunkReplays:
+    """A sync backend whose every answer is a Replay of something no response is."""
+
+    def begin(self, key: str, fingerprint: str) -> Outcome[Any]:
+        return Replay("not a response")
+
+    def complete(self, key: str, token: str, result: Any) -> bool:
+        return False
+
+    def release(self, key: str, token: str) -> bool:
+        return False
+
+
+async def test_a_replay_of_no_stored_response_is_a_type_error_naming_it(app: CountingApp) -> None:
+    # The same message in both builds (the compiled one must not pre-empt it with mypyc's).
+    middleware = IdempotencyMiddleware(app, _JunkReplays())
+    async with client_for(middleware) as client:
+        with pytest.raises(TypeError, match="holds 'not a response', not a StoredResponse"):
+            await client.post("/orders", content=b"x", headers={KEY: "k"})
+    assert app.calls == 0
 
 
 def test_the_middleware_is_a_coroutine_function_for_servers_that_ask() -> None:

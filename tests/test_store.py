@@ -521,8 +521,8 @@ def test_the_build_under_test_is_the_one_expected() -> None:
         "_gcra",
         "_bucket_steps",
         "_idem_core",
-        "asgi._idem_run",
-        "asgi._idem_call",
+        "_idem_run",
+        "_idem_call",
     )
     files = [str(importlib.import_module(f"ttlstore.{name}").__file__) for name in names]
     assert [not file.endswith(".py") for file in files] == [expected] * len(names), files

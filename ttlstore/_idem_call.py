@@ -7,25 +7,16 @@ package's messages, not mypyc's) and the documentation.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
+from ttlstore._idem_api import Outcome, Replay, Started
+from ttlstore._idem_run import ASGIApp, BodyTooLarge, Receive, Run, Scope, Send, Shared, read_body
 from ttlstore._mypyc import mypyc_attr
-from ttlstore.asgi._http import ASGIApp, Receive, Scope, Send, send_problem
-from ttlstore.asgi._idem_key import MAX_KEY_LENGTH, Fingerprinter, parse_idempotency_key, quoted_key
-from ttlstore.asgi._idem_run import BodyTooLarge, Run, Shared, read_body
-from ttlstore.idempotency import Busy, InProgress, Mismatch, Outcome, Replay, Started
 from ttlstore.records import StoredResponse
 
 __all__ = ["MiddlewareCore"]
 
-# A 409's Retry-After is at most a day, even for a backend configured with a longer lease.
-_RETRY_AFTER_MAX = 86_400
-
-# Retry-After on 503, and on a 409 whose owner runs in this process: a held key frees as soon
-# as its request ends, usually well before its lease, so a short hint serves clients better.
-_RETRY_AFTER = (b"retry-after", b"1")
 _REPLAYED = (b"idempotent-replayed", b"true")
 
 # Prefix of every lookup key this middleware builds, so that a store it shares with
@@ -43,6 +34,8 @@ class MiddlewareCore:
         "_header",
         "_header_name",
         "_max_body",
+        "_parse_key",
+        "_quoted",
         "_required",
         "_shared",
         "_tenant_of",
@@ -52,16 +45,21 @@ class MiddlewareCore:
     def __init__(
         self,
         app: ASGIApp,
-        fingerprints: dict[str, Fingerprinter],
+        fingerprints: dict[str, Callable[[bytes, bytes, bytes], str]],
+        quoted: Callable[[bytes], object],
+        parse_key: Callable[[bytes], str | None],
         header: str,
         required: bool,
-        tenant: Callable[[Scope], str] | None,
+        # Returns object: a compiled call checks a declared str itself, with mypyc's message.
+        tenant: Callable[[Scope], object] | None,
         max_body: int,
         shared: Shared,
     ) -> None:
         """Set up from arguments IdempotencyMiddleware checked."""
         self.app = app
         self._fingerprints = fingerprints
+        self._quoted = quoted
+        self._parse_key = parse_key
         self._header_name = header
         self._header = header.lower().encode("ascii")
         self._required = required
@@ -80,8 +78,10 @@ class MiddlewareCore:
         # One pass over the request's headers. Names are compared as given: ASGI servers
         # hand them over lower-cased (Starlette's own Headers relies on that too).
         wanted = self._header
-        raw: bytes | None = None
-        declared: bytes | None = None
+        # Any, as a server hands them: the compiled build must not refuse a bytes-like value
+        # with mypyc's own TypeError where the interpreted one takes it.
+        raw: Any = None
+        declared: Any = None
         for name, value in scope["headers"]:
             if name == wanted:
                 # Several lines combine with ", " (RFC 9110), which no key survives.
@@ -90,15 +90,14 @@ class MiddlewareCore:
                 declared = value
         if raw is None:
             if self._required:
-                await self._problem(send, 400, "Missing idempotency key", "is required")
+                await self._refuse(send, "missing")
             else:
                 await self.app(scope, receive, send)
             return
-        plain = quoted_key(raw)  # what clients send: "key"; the rest is parsed in full
-        key = raw[1:-1].decode("ascii") if plain is not None else parse_idempotency_key(raw)
+        plain = self._quoted(raw)  # what clients send: "key"; the rest is parsed in full
+        key = raw[1:-1].decode("ascii") if plain is not None else self._parse_key(raw)
         if key is None:
-            detail = f"must be a quoted string or a token of 1 to {MAX_KEY_LENGTH} characters"
-            await self._problem(send, 400, "Malformed idempotency key", detail)
+            await self._refuse(send, "malformed")
             return
         limit = self._max_body
         try:
@@ -106,16 +105,14 @@ class MiddlewareCore:
                 raise BodyTooLarge
             message = await receive()
             if message["type"] == "http.request" and not message.get("more_body", False):
-                body: bytes | None = message.get("body", b"")  # the usual one-message body
-                if len(body) > limit:  # type: ignore[arg-type]
+                chunk: Any = message.get("body", b"")  # the usual one-message body
+                if len(chunk) > limit:
                     raise BodyTooLarge
-                if type(body) is not bytes:
-                    body = bytes(body)  # type: ignore[arg-type]
+                body: bytes | None = chunk if type(chunk) is bytes else bytes(chunk)
             else:
                 body = await read_body(receive, message, limit)
         except BodyTooLarge:
-            detail = f"allows request bodies of at most {limit} bytes"
-            await self._problem(send, 413, "Request body too large", detail)
+            await self._refuse(send, "too large")
             return
         if body is None:
             return  # the client is gone before anything ran: nothing to claim or answer
@@ -137,7 +134,7 @@ class MiddlewareCore:
                 outcome = await shared.async_store.begin(lookup, print_)
         except Exception as error:
             shared.failed(error, "on begin()")
-            await send_problem(send, 503, "Idempotency store unavailable", headers=[_RETRY_AFTER])
+            await self._refuse(send, "unavailable")
             return
         if type(outcome) is Started or isinstance(outcome, Started):
             # Inline rather than a call: one coroutine less on every first request.
@@ -155,9 +152,9 @@ class MiddlewareCore:
                     if pending is not None:
                         await pending
         elif isinstance(outcome, Replay):
-            response = outcome.result
-            if type(response) is not StoredResponse:
-                response = _check_stored(response)
+            # object: the compiled build checks it here, with this package's message.
+            result: object = outcome.result
+            response = result if type(result) is StoredResponse else _check_stored(result)
             body = response.body
             headers = [*response.headers, _REPLAYED]
             for name, _ in response.headers:
@@ -173,27 +170,14 @@ class MiddlewareCore:
             await self._answer(send, lookup, outcome)
 
     async def _answer(self, send: Send, lookup: str, outcome: Outcome[Any]) -> None:
-        """Every outcome but ``Started`` and ``Replay``: a problem response."""
-        if isinstance(outcome, InProgress):
-            detail = "belongs to a request that is still being processed; retry later"
-            retry = self._retry_after(lookup, outcome)
-            await self._problem(send, 409, "Request in progress", detail, [retry])
-        elif isinstance(outcome, Mismatch):
-            detail = "was already used for a different request (method, path, query or body)"
-            await self._problem(send, 422, "Idempotency key reused", detail)
-        elif isinstance(outcome, Busy):
-            detail = "cannot be claimed now: too many requests are in progress"
-            await self._problem(send, 503, "Too many requests in progress", detail, [_RETRY_AFTER])
-        else:
-            raise TypeError(f"store.begin() answered {outcome!r}, which is no Outcome")
+        """Every outcome but ``Started`` and ``Replay``: a problem response (sent by
+        IdempotencyMiddleware, which holds the wording)."""
+        raise NotImplementedError
 
-    def _retry_after(self, lookup: str, outcome: InProgress) -> tuple[bytes, bytes]:
-        """``Retry-After`` for a 409: 1 s when this middleware runs the owner (it ends soon),
-        else the seconds left of the owner's lease, rounded up, when the backend says."""
-        left = outcome.retry_after
-        if lookup in self._shared.running or left is None or not left > 1:
-            return _RETRY_AFTER
-        return (b"retry-after", b"%d" % math.ceil(min(left, _RETRY_AFTER_MAX)))
+    async def _refuse(self, send: Send, reason: str) -> None:
+        """A problem response for a request refused before the store answered: ``reason`` is
+        "missing", "malformed" (key), "too large" (body) or "unavailable" (store)."""
+        raise NotImplementedError
 
     def _tenant(self, scope: Scope) -> str:
         assert self._tenant_of is not None
@@ -201,17 +185,6 @@ class MiddlewareCore:
         if not isinstance(tenant, str):
             raise TypeError(f"tenant callable must return a str, got {tenant!r}")
         return tenant
-
-    async def _problem(
-        self,
-        send: Send,
-        status: int,
-        title: str,
-        detail: str,
-        headers: Iterable[tuple[bytes, bytes]] = (),
-    ) -> None:
-        """A problem response whose detail starts with the header's name."""
-        await send_problem(send, status, title, f"{self._header_name} {detail}", headers)
 
 
 def _check_stored(response: object) -> StoredResponse:

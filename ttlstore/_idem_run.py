@@ -6,17 +6,38 @@ forwards the response while keeping a bounded copy, and ends the claim exactly o
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any, cast
 
 from ttlstore._errors import BackendUnavailable
 from ttlstore._faults import FaultLog
-from ttlstore._idem_api import is_async_backend
-from ttlstore.asgi._http import Message, Receive, Send
-from ttlstore.idempotency import AsyncIdempotencyBackend, IdempotencyBackend, as_async_backend
+from ttlstore._idem_api import (
+    AsyncIdempotencyBackend,
+    IdempotencyBackend,
+    as_async_backend,
+    is_async_backend,
+)
 from ttlstore.records import StoredResponse
 
-__all__ = ["BodyTooLarge", "Run", "Shared", "read_body"]
+__all__ = [
+    "ASGIApp",
+    "BodyTooLarge",
+    "Message",
+    "Receive",
+    "Run",
+    "Scope",
+    "Send",
+    "Shared",
+    "read_body",
+]
+
+# The ASGI types of ttlstore.asgi._http, spelled out: a compiled module must not import
+# ttlstore.asgi, whose package needs http_sf (absent where a wheel is built).
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Distinct header tuples a middleware shares between its stored responses.
 _HEADER_SETS = 256
