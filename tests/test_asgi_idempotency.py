@@ -615,6 +615,70 @@ def test_the_quoted_key_fast_path_takes_every_plain_quoted_key(text: str) -> Non
     assert parse_idempotency_key(value) == expected
 
 
+async def _bytes_like_headers_app(scope: Scope, receive: Receive, send: Send) -> None:
+    await receive()
+    headers = [[bytearray(b"content-type"), memoryview(b"text/plain")], (b"x-n", bytearray(b"1"))]
+    await send({"type": "http.response.start", "status": 201, "headers": headers})
+    await send({"type": "http.response.body", "body": b"made"})
+
+
+async def _post_raw(app: Any, key: bytes) -> list[Message]:
+    """One POST straight through ``app`` (no HTTP client, which wants its headers as bytes)."""
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/orders",
+        "raw_path": b"/orders",
+        "query_string": b"",
+        "headers": [(b"idempotency-key", key)],
+    }
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"x", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+async def test_bytes_like_response_headers_are_stored_as_bytes_and_replayed() -> None:
+    store = IdempotencyStore()
+    middleware = IdempotencyMiddleware(_bytes_like_headers_app, store)
+    for key in (b'"a"', b'"b"'):  # the second response's copy comes from the shared table
+        start, _ = await _post_raw(middleware, key)
+        assert start["status"] == 201
+    expected = ((b"content-type", b"text/plain"), (b"x-n", b"1"))
+    for name in ("a", "b"):
+        record = store.stores[0].peek(f"asgi\x00\x00{name}")
+        assert record[2] == expected
+        assert all(type(part) is bytes for header in record[2] for part in header)
+    start, body = await _post_raw(middleware, b'"a"')
+    assert start["headers"][:3] == [*expected, (b"idempotent-replayed", b"true")]
+    assert body["body"] == b"made"
+
+
+async def _fixed_headers_app(scope: Scope, receive: Receive, send: Send) -> None:
+    await receive()
+    headers = [(b"content-type", b"application/json")]  # a new list and tuple each time
+    await send({"type": "http.response.start", "status": 201, "headers": headers})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+async def test_responses_with_equal_headers_share_one_stored_copy() -> None:
+    store = IdempotencyStore()
+    async with client_for(IdempotencyMiddleware(_fixed_headers_app, store)) as client:
+        for key in ("a", "b"):
+            assert (await client.post("/orders", content=b"x", headers={KEY: key})).is_success
+        replay = await client.post("/orders", content=b"x", headers={KEY: "b"})
+    assert replay.headers["content-type"] == "application/json"
+    first, second = (store.stores[0].peek(f"asgi\x00\x00{key}") for key in ("a", "b"))
+    assert first[2] == ((b"content-type", b"application/json"),)
+    assert first[2] is second[2]
+
+
 class _JunkReplays:
     """A sync backend whose every answer is a Replay of something no response is."""
 

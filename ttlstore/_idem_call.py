@@ -126,6 +126,9 @@ class MiddlewareCore:
             body,
         )
         shared = self._shared
+        # Any: whatever a backend answers is checked below with this package's messages, not
+        # cast (with mypyc's) by the compiled build.
+        outcome: Any
         try:
             store = shared.sync_store
             if store is not None:
@@ -152,7 +155,6 @@ class MiddlewareCore:
                     if pending is not None:
                         await pending
         elif isinstance(outcome, Replay):
-            # object: the compiled build checks it here, with this package's message.
             result: object = outcome.result
             response = result if type(result) is StoredResponse else _check_stored(result)
             body = response.body

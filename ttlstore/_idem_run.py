@@ -105,12 +105,11 @@ class Shared:
         # Lookup key -> token of every request this middleware is running now: a 409 for one
         # of them says "retry in 1 s", since its owner is alive and ends it soon.
         self.running: dict[str, str] = {}
-        # Response headers as stored, each distinct tuple once: most responses repeat the same
-        # headers, and a record sharing them holds 7 objects less (Starlette's two headers).
-        # Bounded: cleared when full, so unbounded variety costs sharing, never memory.
-        self.header_sets: dict[
-            tuple[tuple[bytes, bytes], ...], tuple[tuple[bytes, bytes], ...]
-        ] = {}
+        # Response headers as an app gave them -> their checked copy and size in bytes: most
+        # responses repeat the same headers, so a record shares its copy (7 objects less for
+        # Starlette's two headers) and a response skips copying. Bounded: cleared when full,
+        # so unbounded variety costs the sharing, never memory.
+        self.header_sets: dict[tuple[Any, ...], tuple[tuple[tuple[bytes, bytes], ...], int]] = {}
         self.faults = FaultLog("IdempotencyMiddleware: the idempotency store failed")
         self.late = FaultLog("IdempotencyMiddleware")
 
@@ -172,7 +171,12 @@ class Run:
             return {"type": "http.request", "body": body, "more_body": False}
         return await self.receive_rest()
 
-    async def send(self, message: Message) -> None:
+    def send(self, message: Message) -> Awaitable[None]:
+        """Copy what is to be kept of ``message`` and forward it.
+
+        Not a coroutine function: it answers the server's own awaitable, so each message
+        passes through one coroutine less (an ASGI ``send`` need only return an awaitable).
+        """
         kind = message["type"]
         if kind == "http.response.body":
             chunks = self.chunks
@@ -188,32 +192,37 @@ class Run:
                 # retries gets the replay, not a second execution.
                 pending = self.settle(True)
                 if pending is not None:
-                    await pending
+                    return self._send_after(pending, message)
         elif kind == "http.response.start":
             # Written out rather than a method: one call less on every first request.
             self.status = status = int(message["status"])
-            copied = []
-            size = 0
-            for name, value in message.get("headers", ()):
-                if type(name) is not bytes:
-                    name = bytes(name)
-                if type(value) is not bytes:
-                    value = bytes(value)
-                copied.append((name, value))
-                size += len(name) + len(value)
-            # An immutable copy (the app may reuse its list), shared with earlier responses
-            # that had the same headers.
-            headers = tuple(copied)
             shared = self.shared
             header_sets = shared.header_sets
-            known = header_sets.get(headers)
+            given = message.get("headers", ())
+            known: tuple[tuple[tuple[bytes, bytes], ...], int] | None
+            try:
+                # Headers seen before, as given: their checked copy and size at one lookup.
+                known = header_sets.get(tuple(given))
+            except TypeError:  # an unhashable header (a list, a bytearray): copy it below
+                known = None
             if known is None:
+                copied: list[tuple[bytes, bytes]] = []
+                total = 0
+                for name, value in given:
+                    if type(name) is not bytes:
+                        name = bytes(name)
+                    if type(value) is not bytes:
+                        value = bytes(value)
+                    copied.append((name, value))
+                    total += len(name) + len(value)
+                # An immutable copy (the app may reuse its list), shared with every later
+                # response with equal headers: a stored record holds none of its own.
+                copy = tuple(copied)
                 if len(header_sets) >= _HEADER_SETS:
                     header_sets.clear()
-                header_sets[headers] = headers
-            else:
-                headers = known
-            self.headers = headers
+                known = (copy, total)
+                header_sets[copy] = known
+            self.headers, size = known
             # Headers count against the limit too: a record's size is what it holds.
             self.size = size
             if (
@@ -224,6 +233,11 @@ class Run:
                 self.chunks = None
         else:
             self.chunks = None
+        return self.send_on(message)
+
+    async def _send_after(self, pending: Awaitable[None], message: Message) -> None:
+        """Forward ``message`` once an async store has ended the claim."""
+        await pending
         await self.send_on(message)
 
     def settle(self, keep: bool) -> Coroutine[Any, Any, None] | None:
