@@ -9,9 +9,11 @@ scope isolation, the body limits and the stored-status policy.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import inspect
 import logging
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -677,6 +679,24 @@ async def test_responses_with_equal_headers_share_one_stored_copy() -> None:
     first, second = (store.stores[0].peek(f"asgi\x00\x00{key}") for key in ("a", "b"))
     assert first[2] == ((b"content-type", b"application/json"),)
     assert first[2] is second[2]
+
+
+async def test_a_stored_response_holds_no_header_objects_of_its_own() -> None:
+    # Objects allocated per stored record, everything counted (tracked or not): the lookup
+    # key, the store's entry, the record, the fingerprint, and what the store's bookkeeping
+    # takes. The headers (a tuple of (name, value) tuples) are one copy, shared by all.
+    store = IdempotencyStore(maxsize=10_000)
+    middleware = IdempotencyMiddleware(_fixed_headers_app, store)
+    await _post_raw(middleware, b'"warm-up"')
+    n = 2_000
+    gc.collect()
+    before = sys.getallocatedblocks()
+    for i in range(n):
+        await _post_raw(middleware, b'"k-%d"' % i)
+    gc.collect()
+    per_record = (sys.getallocatedblocks() - before) / n
+    assert len(store.stores[0]) == n + 1
+    assert per_record < 6.5, per_record  # 6 measured; a copy per record would make it 8
 
 
 class _JunkReplays:
