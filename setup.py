@@ -31,6 +31,9 @@ COMPILED = (
     "ttlstore/_bucket_steps.py",
     "ttlstore/_slot_core.py",
     "ttlstore/asgi/_ratelimit_run.py",
+    "ttlstore/_idem_core.py",
+    "ttlstore/_idem_run.py",
+    "ttlstore/_idem_call.py",
 )
 
 #: Commands that build binaries. Anything else (sdist, egg_info, editable_wheel, develop)

@@ -9,8 +9,11 @@ scope isolation, the body limits and the stored-status policy.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
+import inspect
 import logging
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -35,7 +38,7 @@ from ttlstore.asgi import (
 )
 from ttlstore.asgi._idem_key import Fingerprinter, quoted_key
 from ttlstore.asgi.idempotency import fingerprint
-from ttlstore.idempotency import IdempotencyStore, InProgress, Outcome, Started
+from ttlstore.idempotency import IdempotencyStore, InProgress, Outcome, Replay, Started
 from ttlstore.testing import FakeClock, RedisServer
 
 KEY = "Idempotency-Key"
@@ -614,6 +617,117 @@ def test_the_quoted_key_fast_path_takes_every_plain_quoted_key(text: str) -> Non
     assert parse_idempotency_key(value) == expected
 
 
+async def _bytes_like_headers_app(scope: Scope, receive: Receive, send: Send) -> None:
+    await receive()
+    headers = [[bytearray(b"content-type"), memoryview(b"text/plain")], (b"x-n", bytearray(b"1"))]
+    await send({"type": "http.response.start", "status": 201, "headers": headers})
+    await send({"type": "http.response.body", "body": b"made"})
+
+
+async def _post_raw(app: Any, key: bytes) -> list[Message]:
+    """One POST straight through ``app`` (no HTTP client, which wants its headers as bytes)."""
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/orders",
+        "raw_path": b"/orders",
+        "query_string": b"",
+        "headers": [(b"idempotency-key", key)],
+    }
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"x", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+async def test_bytes_like_response_headers_are_stored_as_bytes_and_replayed() -> None:
+    store = IdempotencyStore()
+    middleware = IdempotencyMiddleware(_bytes_like_headers_app, store)
+    for key in (b'"a"', b'"b"'):  # the second response's copy comes from the shared table
+        start, _ = await _post_raw(middleware, key)
+        assert start["status"] == 201
+    expected = ((b"content-type", b"text/plain"), (b"x-n", b"1"))
+    for name in ("a", "b"):
+        record = store.stores[0].peek(f"asgi\x00\x00{name}")
+        assert record[2] == expected
+        assert all(type(part) is bytes for header in record[2] for part in header)
+    start, body = await _post_raw(middleware, b'"a"')
+    assert start["headers"][:3] == [*expected, (b"idempotent-replayed", b"true")]
+    assert body["body"] == b"made"
+
+
+async def _fixed_headers_app(scope: Scope, receive: Receive, send: Send) -> None:
+    await receive()
+    headers = [(b"content-type", b"application/json")]  # a new list and tuple each time
+    await send({"type": "http.response.start", "status": 201, "headers": headers})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+async def test_responses_with_equal_headers_share_one_stored_copy() -> None:
+    store = IdempotencyStore()
+    async with client_for(IdempotencyMiddleware(_fixed_headers_app, store)) as client:
+        for key in ("a", "b"):
+            assert (await client.post("/orders", content=b"x", headers={KEY: key})).is_success
+        replay = await client.post("/orders", content=b"x", headers={KEY: "b"})
+    assert replay.headers["content-type"] == "application/json"
+    first, second = (store.stores[0].peek(f"asgi\x00\x00{key}") for key in ("a", "b"))
+    assert first[2] == ((b"content-type", b"application/json"),)
+    assert first[2] is second[2]
+
+
+async def test_a_stored_response_holds_no_header_objects_of_its_own() -> None:
+    # Objects allocated per stored record, everything counted (tracked or not): the lookup
+    # key, the store's entry, the record, the fingerprint, and what the store's bookkeeping
+    # takes. The headers (a tuple of (name, value) tuples) are one copy, shared by all.
+    store = IdempotencyStore(maxsize=10_000)
+    middleware = IdempotencyMiddleware(_fixed_headers_app, store)
+    await _post_raw(middleware, b'"warm-up"')
+    n = 2_000
+    gc.collect()
+    before = sys.getallocatedblocks()
+    for i in range(n):
+        await _post_raw(middleware, b'"k-%d"' % i)
+    gc.collect()
+    per_record = (sys.getallocatedblocks() - before) / n
+    assert len(store.stores[0]) == n + 1
+    assert per_record < 6.5, per_record  # 6 measured; a copy per record would make it 8
+
+
+class _JunkReplays:
+    """A sync backend whose every answer is a Replay of something no response is."""
+
+    def begin(self, key: str, fingerprint: str) -> Outcome[Any]:
+        return Replay("not a response")
+
+    def complete(self, key: str, token: str, result: Any) -> bool:
+        return False
+
+    def release(self, key: str, token: str) -> bool:
+        return False
+
+
+async def test_a_replay_of_no_stored_response_is_a_type_error_naming_it(app: CountingApp) -> None:
+    # The same message in both builds (the compiled one must not pre-empt it with mypyc's).
+    middleware = IdempotencyMiddleware(app, _JunkReplays())
+    async with client_for(middleware) as client:
+        with pytest.raises(TypeError, match="holds 'not a response', not a StoredResponse"):
+            await client.post("/orders", content=b"x", headers={KEY: "k"})
+    assert app.calls == 0
+
+
+def test_the_middleware_is_a_coroutine_function_for_servers_that_ask() -> None:
+    # uvicorn and others tell ASGI 3 apps from ASGI 2 ones by asking this, in both builds.
+    middleware = IdempotencyMiddleware(CountingApp(), IdempotencyStore())
+    assert inspect.iscoroutinefunction(middleware.__call__)
+    assert asyncio.iscoroutinefunction(middleware.__call__)
+
+
 def fingerprint_by_definition(method: str, path: bytes, query: bytes, body: bytes) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for part in (method.encode("ascii"), path, query, body):
@@ -651,6 +765,37 @@ def test_a_middleware_s_fingerprint_is_the_defined_one_for_long_paths_too(
     assert Fingerprinter(method)(query, path, body) == fingerprint_by_definition(
         method, query, path, body
     )
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([b"/a", b"/b", b"/a?", b""]) | st.binary(max_size=8),
+            st.sampled_from([b"", b"x=1", b"/a"]) | st.binary(max_size=8),
+            st.binary(max_size=40),
+        ),
+        max_size=40,
+    )
+)
+def test_one_fingerprinter_reused_gives_the_defined_fingerprint_every_time(
+    requests: list[tuple[bytes, bytes, bytes]],
+) -> None:
+    # A Fingerprinter keeps hash states per (path, query): reused over repeated and distinct
+    # paths and queries (an empty one too), each answer is still the defined one.
+    fingerprinter = Fingerprinter("PATCH")
+    for path, query, body in requests * 2:
+        expected = fingerprint_by_definition("PATCH", path, query, body)
+        assert fingerprinter(path, query, body) == expected
+
+
+def test_a_fingerprinter_keeps_a_bounded_number_of_hash_states() -> None:
+    fingerprinter = Fingerprinter("POST")
+    for i in range(1_000):
+        path = b"/orders/%d" % i
+        assert fingerprinter(path, b"", b"{}") == fingerprint_by_definition(
+            "POST", path, b"", b"{}"
+        )
+    assert 0 < len(fingerprinter._states) <= 128
 
 
 def test_the_fingerprint_keeps_parts_apart() -> None:

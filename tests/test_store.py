@@ -522,6 +522,9 @@ def test_the_build_under_test_is_the_one_expected() -> None:
         "_bucket_steps",
         "_slot_core",
         "asgi._ratelimit_run",
+        "_idem_core",
+        "_idem_run",
+        "_idem_call",
     )
     files = [str(importlib.import_module(f"ttlstore.{name}").__file__) for name in names]
     assert [not file.endswith(".py") for file in files] == [expected] * len(names), files

@@ -5,27 +5,19 @@ Re-exported by :mod:`ttlstore.idempotency`, where the semantics are documented.
 
 from __future__ import annotations
 
-import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ttlstore._checks import positive_int, positive_seconds, ttl_or_none
-from ttlstore._idem_api import BUSY, MISMATCH, InProgress, Outcome, Replay, Started
-from ttlstore._idem_tables import ABSENT, ClaimTable, Record, TableView
-from ttlstore.records import StoredResponse
+from ttlstore._idem_api import Outcome
+from ttlstore._idem_core import ABSENT, ClaimTable, IdempotencyCore, Record
+from ttlstore._idem_tables import TableView
 from ttlstore.store import TTLStore
 
 __all__ = ["IdempotencyStats", "IdempotencyStore"]
-
-# Tokens are drawn from the OS's CSPRNG this many at a time: one os.urandom() call per batch
-# instead of one per claim (a system call costs more than the rest of begin()).
-_TOKEN_BATCH = 64
-
-# A StoredResponse rebuilt from a record without its Python-level __new__.
-_as_response = tuple.__new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +50,7 @@ class IdempotencyStats:
     """Live claims now."""
 
 
-class IdempotencyStore:
+class IdempotencyStore(IdempotencyCore):
     """In-memory idempotency records (a :class:`~ttlstore.TTLStore`) and running claims.
 
     :param ttl: seconds a completed result is kept (``None``: until evicted).
@@ -77,23 +69,8 @@ class IdempotencyStore:
     plus ``max_inflight`` claims; each record holds whatever result its owner stored.
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_busy",
-        "_claims",
-        "_claims_started",
-        "_clock",
-        "_completions",
-        "_conflicts",
-        "_lock",
-        "_mismatches",
-        "_records",
-        "_releases",
-        "_replays",
-        "_stale",
-        "_tokens",
-        "_views",
-    )
+    # The weak reference slot lives here, not in the compiled core (see ttlstore._idem_core).
+    __slots__ = ("__weakref__", "_views")
 
     def __init__(
         self,
@@ -114,97 +91,22 @@ class IdempotencyStore:
             raise TypeError(f"threadsafe must be a bool, got {threadsafe!r}")
         # Unlocked tables: begin() and complete() read one and write the other, so this
         # store's one lock must guard both anyway, and theirs would only be taken in vain.
-        self._records: TTLStore[str, Record] = TTLStore(maxsize, ttl, clock=clock, threadsafe=False)
-        self._claims = ClaimTable(inflight, positive_seconds("lease", lease), clock)
-        self._clock = clock
-        self._lock: threading.Lock | None = threading.Lock() if threadsafe else None
-        self._views = (TableView(self._records, self._lock), TableView(self._claims, self._lock))
-        self._tokens: list[str] = []
-        self._claims_started = self._replays = self._conflicts = self._mismatches = 0
-        self._busy = self._completions = self._releases = self._stale = 0
+        records: TTLStore[str, Record] = TTLStore(maxsize, ttl, clock=clock, threadsafe=False)
+        claims = ClaimTable(inflight, positive_seconds("lease", lease), clock)
+        lock = threading.Lock() if threadsafe else None
+        super().__init__(records, claims, clock, lock)
+        self._views = (TableView(records, lock), TableView(claims, lock))
 
-    def begin(self, key: str, fingerprint: str) -> Outcome[Any]:
-        """Claim ``key`` for a request with ``fingerprint``, or say why not. O(1) amortized.
+    if TYPE_CHECKING:
+        # The typed API, for type checkers only: the compiled core takes Any and checks it.
 
-        A stored record wins (``Replay``, or ``Mismatch`` for another fingerprint), then a
-        running claim (``InProgress`` with the lease it has left, or ``Mismatch``), then the
-        in-flight bound (``Busy``). Otherwise the caller gets ``Started`` with a fresh
-        unguessable token.
-        """
-        if type(key) is not str and not isinstance(key, str):
-            raise TypeError(f"key must be a str, got {key!r}")
-        if type(fingerprint) is not str and not isinstance(fingerprint, str):
-            raise TypeError(f"fingerprint must be a str, got {fingerprint!r}")
-        lock = self._lock
-        if lock is not None:
-            lock.acquire()
-        try:
-            record = self._records.get(key)
-            if record is not None:
-                if record[0] != fingerprint:
-                    self._mismatches += 1
-                    return MISMATCH
-                self._replays += 1
-                if len(record) == 4:  # a flattened StoredResponse, see complete()
-                    return Replay(_as_response(StoredResponse, record[1:]))
-                return Replay(record[1])
-            claims = self._claims
-            data = claims.data
-            now = self._clock()
-            claim = data.get(key)
-            if claim is not None:
-                if claim[2] > now:
-                    if claim[0] != fingerprint:
-                        self._mismatches += 1
-                        return MISMATCH
-                    self._conflicts += 1
-                    return InProgress(claim[2] - now)
-                claims.drop(key)  # its lease ran out: the key is free again
-            # Checked here rather than by making room: a running claim is never dropped.
-            if len(data) >= claims.maxsize and claims.full(now):
-                self._busy += 1
-                return BUSY
-            tokens = self._tokens
-            if not tokens:
-                pool = secrets.token_hex(16 * _TOKEN_BATCH)
-                tokens += [pool[i : i + 32] for i in range(0, len(pool), 32)]
-            token = tokens.pop()
-            data[key] = (fingerprint, token, now + claims.lease)
-            self._claims_started += 1
-            return Started(token)
-        finally:
-            if lock is not None:
-                lock.release()
+        def begin(self, key: str, fingerprint: str) -> Outcome[Any]:
+            """Claim ``key`` for a request with ``fingerprint``, or say why not."""
+            ...
 
-    def complete(self, key: str, token: str, result: Any) -> bool:
-        """Store ``result`` for ``key`` (for ``ttl``) and end the claim. O(1) amortized.
-
-        Returns False, storing nothing, if ``token`` no longer owns ``key`` (its lease ran out,
-        it was completed or released already, or it never did).
-        """
-        # Also the body of release() (result ABSENT): the hot call pays no second frame.
-        lock = self._lock
-        if lock is not None:
-            lock.acquire()
-        try:
-            data = self._claims.data
-            claim = data.get(key)
-            if claim is None or claim[1] != token or claim[2] <= self._clock():
-                self._stale += 1
-                return False
-            del data[key]
-            if result is ABSENT:
-                self._releases += 1
-                return True
-            # A StoredResponse (a tuple) flattens into the record: one object for the GC less.
-            self._records[key] = (
-                (claim[0], *result) if type(result) is StoredResponse else (claim[0], result)
-            )
-            self._completions += 1
-            return True
-        finally:
-            if lock is not None:
-                lock.release()
+        def complete(self, key: str, token: str, result: Any) -> bool:
+            """Store ``result`` for ``key`` (for ``ttl``) and end the claim."""
+            ...
 
     def release(self, key: str, token: str) -> bool:
         """End the claim on ``key`` without storing anything, so a retry runs again. O(1).

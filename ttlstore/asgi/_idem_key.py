@@ -12,6 +12,7 @@ import hashlib
 import re
 import struct
 from collections.abc import Callable
+from typing import Any
 
 import http_sf
 
@@ -96,30 +97,46 @@ _SHORT = 256
 _LENGTHS = tuple(_LENGTH(n) for n in range(_SHORT))
 
 
-class Fingerprinter:
-    """:func:`fingerprint` for one method: the hash state after the method's part is kept, so
-    a request pays a state copy instead of the hash's set-up (which costs more than hashing a
-    small body). O(len(body))."""
+# How many (path, query) hash states one Fingerprinter keeps; the table is cleared when full,
+# so a service with unbounded distinct paths pays the set-up again but never holds more.
+_STATES = 128
 
-    __slots__ = ("_start",)
+
+class Fingerprinter:
+    """:func:`fingerprint` for one method: the hash state after the method, path and query is
+    kept for the last few (path, query) pairs, so a request to a path seen before pays a state
+    copy and the body's hashing only. Building the prefix of length-prefixed parts costs as
+    much as hashing a small body. O(len(body)); O(1) memory (:data:`_STATES` states)."""
+
+    __slots__ = ("_start", "_states")
 
     def __init__(self, method: str) -> None:
         verb = method.encode("ascii")
         self._start = _blake2b(_LENGTH(len(verb)) + verb, digest_size=16)
+        # path (with an empty query), or (path, query) -> the state after both.
+        self._states: dict[object, Any] = {}
 
     def __call__(self, path: bytes, query: bytes, body: bytes) -> str:
-        digest = self._start.copy()
-        # One update of one joined string: cheaper than one update per part, and copying a
-        # body (at most max_body) costs a small fraction of hashing it.
-        n, m = len(path), len(query)
-        digest.update(
-            (_LENGTHS[n] if n < _SHORT else _LENGTH(n))
-            + path
-            + (_LENGTHS[m] if m < _SHORT else _LENGTH(m))
-            + query
-            + _LENGTH(len(body))
-            + body
-        )
+        states = self._states
+        where: object = (path, query) if query else path
+        state = states.get(where)
+        if state is None:
+            state = self._start.copy()
+            n, m = len(path), len(query)
+            state.update(
+                (_LENGTHS[n] if n < _SHORT else _LENGTH(n))
+                + path
+                + (_LENGTHS[m] if m < _SHORT else _LENGTH(m))
+                + query
+            )
+            if len(states) >= _STATES:
+                states.clear()
+            states[where] = state
+        digest = state.copy()
+        n = len(body)
+        # Two updates: less than joining even a short body, and a long one is not copied.
+        digest.update(_LENGTHS[n] if n < _SHORT else _LENGTH(n))
+        digest.update(body)
         return digest.hexdigest()
 
 

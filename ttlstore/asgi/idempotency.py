@@ -4,7 +4,8 @@
 *The Idempotency-Key HTTP Header Field*, Stripe's behaviour) on any
 :class:`~ttlstore.idempotency.IdempotencyBackend`. Needs the ``asgi`` extra (``http-sf``). The
 key parser and the fingerprint live in :mod:`ttlstore.asgi._idem_key`, one owner's run in
-:mod:`ttlstore.asgi._idem_run`.
+:mod:`ttlstore._idem_run` and the request path, compiled in the compiled build, in
+:mod:`ttlstore._idem_call`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from ttlstore._checks import positive_int
-from ttlstore.asgi._http import ASGIApp, Receive, Scope, Send, send_problem
+from ttlstore._idem_call import MiddlewareCore
+from ttlstore._idem_run import Shared
+from ttlstore.asgi._http import ASGIApp, Scope, Send, send_problem
 from ttlstore.asgi._idem_key import (
     MAX_KEY_LENGTH,
     Fingerprinter,
@@ -23,7 +26,6 @@ from ttlstore.asgi._idem_key import (
     parse_idempotency_key,
     quoted_key,
 )
-from ttlstore.asgi._idem_run import BodyTooLarge, Run, Shared, read_body
 from ttlstore.idempotency import (
     AsyncIdempotencyBackend,
     Busy,
@@ -31,8 +33,6 @@ from ttlstore.idempotency import (
     InProgress,
     Mismatch,
     Outcome,
-    Replay,
-    Started,
 )
 from ttlstore.records import StoredResponse
 
@@ -52,6 +52,13 @@ DEFAULT_MAX_BODY = 1 << 20
 DEFAULT_MAX_RESPONSE = 64 << 10
 """Largest response body (bytes) stored for replay: 64 KiB (5 000 records: at most ~330 MB)."""
 
+# A 409's Retry-After is at most a day, even for a backend configured with a longer lease.
+_RETRY_AFTER_MAX = 86_400
+
+# Retry-After on 503, and on a 409 whose owner runs in this process: a held key frees as soon
+# as its request ends, usually well before its lease, so a short hint serves clients better.
+_RETRY_AFTER = (b"retry-after", b"1")
+
 DEFAULT_STORE_STATUSES: frozenset[int] = frozenset(range(200, 500)) - {401, 408, 425, 429}
 """Statuses whose responses are stored and replayed: every 2xx, 3xx and 4xx except those that
 say the request was not acted on and invite a retry as it is (401 Unauthorized, 408 Request
@@ -59,19 +66,6 @@ Timeout, 425 Too Early, 429 Too Many Requests). A 5xx is not stored: it usually 
 handler failed before its effect was committed, or a dependency was down, so the retry should
 run again rather than replay the failure for the record's whole TTL. Pass
 ``store_statuses=range(100, 600)`` for Stripe's behaviour (every executed result is stored)."""
-
-# A 409's Retry-After is at most a day, even for a backend configured with a longer lease.
-_RETRY_AFTER_MAX = 86_400
-
-# Retry-After on 503, and on a 409 whose owner runs in this process: a held key frees as soon
-# as its request ends, usually well before its lease, so a short hint serves clients better.
-_RETRY_AFTER = (b"retry-after", b"1")
-_REPLAYED = (b"idempotent-replayed", b"true")
-
-# Prefix of every lookup key this middleware builds, so that a store it shares with
-# @idempotent (whose keys start with a function's name) never mixes the two.
-_NAMESPACE = "asgi"
-_UNSCOPED = f"{_NAMESPACE}\x00\x00"  # the lookup prefix without a tenant callable
 
 
 def _check_statuses(statuses: object) -> frozenset[int]:
@@ -98,7 +92,7 @@ def _check_methods(methods: object) -> frozenset[str]:
     return frozenset(method.upper() for method in result)
 
 
-class IdempotencyMiddleware:
+class IdempotencyMiddleware(MiddlewareCore):
     """ASGI middleware: a request with an ``Idempotency-Key`` runs at most once per key.
 
     For the ``methods`` given, a request carrying the ``header``:
@@ -133,16 +127,8 @@ class IdempotencyMiddleware:
         one namespace: right only for single-tenant services.
     """
 
-    __slots__ = (
-        "_fingerprints",
-        "_header",
-        "_header_name",
-        "_max_body",
-        "_required",
-        "_shared",
-        "_tenant_of",
-        "app",
-    )
+    # Every attribute is the compiled core's (ttlstore._idem_call), and so is __call__.
+    __slots__ = ()
 
     def __init__(
         self,
@@ -167,17 +153,20 @@ class IdempotencyMiddleware:
             raise TypeError(f"required must be a bool, got {required!r}")
         if tenant is not None and not callable(tenant):
             raise TypeError(f"tenant must be a callable(asgi_scope) -> str or None, got {tenant!r}")
-        self.app = app
-        # Method -> its fingerprint function: which methods are guarded, and their hash
-        # states set up once.
-        self._fingerprints = {method: Fingerprinter(method) for method in _check_methods(methods)}
-        self._header_name = header
-        self._header = header.lower().encode("ascii")
-        self._required = required
-        self._tenant_of = tenant
-        self._max_body = positive_int("max_body", max_body)
-        self._shared = Shared(
-            store, positive_int("max_response", max_response), _check_statuses(store_statuses)
+        super().__init__(
+            app,
+            # Method -> its fingerprint function: which methods are guarded, and their hash
+            # states set up once.
+            {method: Fingerprinter(method) for method in _check_methods(methods)},
+            quoted_key,
+            parse_idempotency_key,
+            header,
+            required,
+            tenant,
+            positive_int("max_body", max_body),
+            Shared(
+                store, positive_int("max_response", max_response), _check_statuses(store_statuses)
+            ),
         )
 
     @property
@@ -185,108 +174,18 @@ class IdempotencyMiddleware:
         """Store faults met so far (each answered 503 or logged); logged at most every 10 s."""
         return self._shared.faults.count
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        fingerprinter = self._fingerprints.get(scope["method"])
-        if fingerprinter is None:
-            await self.app(scope, receive, send)
-            return
-        # One pass over the request's headers. Names are compared as given: ASGI servers
-        # hand them over lower-cased (Starlette's own Headers relies on that too).
-        wanted = self._header
-        raw: bytes | None = None
-        declared: bytes | None = None
-        for name, value in scope["headers"]:
-            if name == wanted:
-                # Several lines combine with ", " (RFC 9110), which no key survives.
-                raw = value if raw is None else raw + b", " + value
-            elif name == b"content-length":
-                declared = value
-        if raw is None:
-            if self._required:
-                await self._problem(send, 400, "Missing idempotency key", "is required")
-            else:
-                await self.app(scope, receive, send)
-            return
-        plain = quoted_key(raw)  # what clients send: "key"; the rest is parsed in full
-        key = raw[1:-1].decode("ascii") if plain is not None else parse_idempotency_key(raw)
-        if key is None:
+    async def _refuse(self, send: Send, reason: str) -> None:
+        """A problem response for a request refused before the store answered."""
+        if reason == "missing":
+            await self._problem(send, 400, "Missing idempotency key", "is required")
+        elif reason == "malformed":
             detail = f"must be a quoted string or a token of 1 to {MAX_KEY_LENGTH} characters"
             await self._problem(send, 400, "Malformed idempotency key", detail)
-            return
-        limit = self._max_body
-        try:
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                raise BodyTooLarge
-            message = await receive()
-            if message["type"] == "http.request" and not message.get("more_body", False):
-                body: bytes | None = message.get("body", b"")  # the usual one-message body
-                if len(body) > limit:  # type: ignore[arg-type]
-                    raise BodyTooLarge
-                if type(body) is not bytes:
-                    body = bytes(body)  # type: ignore[arg-type]
-            else:
-                body = await read_body(receive, message, limit)
-        except BodyTooLarge:
-            detail = f"allows request bodies of at most {limit} bytes"
+        elif reason == "too large":
+            detail = f"allows request bodies of at most {self._max_body} bytes"
             await self._problem(send, 413, "Request body too large", detail)
-            return
-        if body is None:
-            return  # the client is gone before anything ran: nothing to claim or answer
-        if self._tenant_of is None:
-            lookup = _UNSCOPED + key
         else:
-            lookup = f"{_NAMESPACE}\x00{self._tenant(scope)}\x00{key}"
-        print_ = fingerprinter(
-            scope.get("raw_path") or scope["path"].encode("utf-8"),
-            scope.get("query_string", b""),
-            body,
-        )
-        shared = self._shared
-        try:
-            store = shared.sync_store
-            if store is not None:
-                outcome = store.begin(lookup, print_)
-            else:
-                outcome = await shared.async_store.begin(lookup, print_)
-        except Exception as error:
-            shared.failed(error, "on begin()")
             await send_problem(send, 503, "Idempotency store unavailable", headers=[_RETRY_AFTER])
-            return
-        if type(outcome) is Started or isinstance(outcome, Started):
-            # Inline rather than a call: one coroutine less on every first request.
-            token = outcome.token
-            run = Run(shared, lookup, token, body, receive, send)
-            running = shared.running
-            running[lookup] = token
-            try:
-                await self.app(scope, run.receive, run.send)
-            finally:
-                if running.get(lookup) == token:
-                    del running[lookup]
-                if not run.settled:  # no complete body was sent: the retry must run again
-                    pending = run.settle(False)
-                    if pending is not None:
-                        await pending
-        elif isinstance(outcome, Replay):
-            response = outcome.result
-            if type(response) is not StoredResponse:
-                response = _check_stored(response)
-            body = response.body
-            headers = [*response.headers, _REPLAYED]
-            for name, _ in response.headers:
-                if name == b"content-length" or name.lower() == b"content-length":
-                    break
-            else:
-                headers.append((b"content-length", b"%d" % len(body)))
-            await send(
-                {"type": "http.response.start", "status": response.status, "headers": headers}
-            )
-            await send({"type": "http.response.body", "body": body, "more_body": False})
-        else:
-            await self._answer(send, lookup, outcome)
 
     async def _answer(self, send: Send, lookup: str, outcome: Outcome[Any]) -> None:
         """Every outcome but ``Started`` and ``Replay``: a problem response."""
@@ -311,13 +210,6 @@ class IdempotencyMiddleware:
             return _RETRY_AFTER
         return (b"retry-after", b"%d" % math.ceil(min(left, _RETRY_AFTER_MAX)))
 
-    def _tenant(self, scope: Scope) -> str:
-        assert self._tenant_of is not None
-        tenant = self._tenant_of(scope)
-        if not isinstance(tenant, str):
-            raise TypeError(f"tenant callable must return a str, got {tenant!r}")
-        return tenant
-
     async def _problem(
         self,
         send: Send,
@@ -328,9 +220,3 @@ class IdempotencyMiddleware:
     ) -> None:
         """A problem response whose detail starts with the header's name."""
         await send_problem(send, status, title, f"{self._header_name} {detail}", headers)
-
-
-def _check_stored(response: object) -> StoredResponse:
-    if not isinstance(response, StoredResponse):
-        raise TypeError(f"the idempotency store holds {response!r}, not a StoredResponse")
-    return response

@@ -6,17 +6,41 @@ forwards the response while keeping a bounded copy, and ends the claim exactly o
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any, cast
 
 from ttlstore._errors import BackendUnavailable
 from ttlstore._faults import FaultLog
-from ttlstore._idem_api import is_async_backend
-from ttlstore.asgi._http import Message, Receive, Send
-from ttlstore.idempotency import AsyncIdempotencyBackend, IdempotencyBackend, as_async_backend
+from ttlstore._idem_api import (
+    AsyncIdempotencyBackend,
+    IdempotencyBackend,
+    as_async_backend,
+    is_async_backend,
+)
 from ttlstore.records import StoredResponse
 
-__all__ = ["BodyTooLarge", "Run", "Shared", "read_body"]
+__all__ = [
+    "ASGIApp",
+    "BodyTooLarge",
+    "Message",
+    "Receive",
+    "Run",
+    "Scope",
+    "Send",
+    "Shared",
+    "read_body",
+]
+
+# The ASGI types of ttlstore.asgi._http, spelled out: a compiled module must not import
+# ttlstore.asgi, whose package needs http_sf (absent where a wheel is built).
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Distinct header tuples a middleware shares between its stored responses.
+_HEADER_SETS = 256
 
 # A StoredResponse built without its Python-level __new__ (what NamedTuple._make does too).
 _as_response = tuple.__new__
@@ -53,7 +77,16 @@ class Shared:
     """What every run of one middleware shares: the store (sync, or async), the response
     limit, the statuses to store, the keys running now, and the fault logs."""
 
-    __slots__ = ("async_store", "faults", "late", "limit", "running", "statuses", "sync_store")
+    __slots__ = (
+        "async_store",
+        "faults",
+        "header_sets",
+        "late",
+        "limit",
+        "running",
+        "statuses",
+        "sync_store",
+    )
 
     def __init__(
         self,
@@ -72,6 +105,11 @@ class Shared:
         # Lookup key -> token of every request this middleware is running now: a 409 for one
         # of them says "retry in 1 s", since its owner is alive and ends it soon.
         self.running: dict[str, str] = {}
+        # Response headers as an app gave them -> their checked copy and size in bytes: most
+        # responses repeat the same headers, so a record shares its copy (7 objects less for
+        # Starlette's two headers) and a response skips copying. Bounded: cleared when full,
+        # so unbounded variety costs the sharing, never memory.
+        self.header_sets: dict[tuple[Any, ...], tuple[tuple[tuple[bytes, bytes], ...], int]] = {}
         self.faults = FaultLog("IdempotencyMiddleware: the idempotency store failed")
         self.late = FaultLog("IdempotencyMiddleware")
 
@@ -133,7 +171,12 @@ class Run:
             return {"type": "http.request", "body": body, "more_body": False}
         return await self.receive_rest()
 
-    async def send(self, message: Message) -> None:
+    def send(self, message: Message) -> Awaitable[None]:
+        """Copy what is to be kept of ``message`` and forward it.
+
+        Not a coroutine function: it answers the server's own awaitable, so each message
+        passes through one coroutine less (an ASGI ``send`` need only return an awaitable).
+        """
         kind = message["type"]
         if kind == "http.response.body":
             chunks = self.chunks
@@ -149,24 +192,39 @@ class Run:
                 # retries gets the replay, not a second execution.
                 pending = self.settle(True)
                 if pending is not None:
-                    await pending
+                    return self._send_after(pending, message)
         elif kind == "http.response.start":
             # Written out rather than a method: one call less on every first request.
             self.status = status = int(message["status"])
-            copied = []
-            size = 0
-            for name, value in message.get("headers", ()):
-                if type(name) is not bytes:
-                    name = bytes(name)
-                if type(value) is not bytes:
-                    value = bytes(value)
-                copied.append((name, value))
-                size += len(name) + len(value)
-            # An immutable copy: the app may reuse its list.
-            self.headers = tuple(copied)
+            shared = self.shared
+            header_sets = shared.header_sets
+            given = message.get("headers", ())
+            known: tuple[tuple[tuple[bytes, bytes], ...], int] | None
+            try:
+                # Headers seen before, as given: their checked copy and size at one lookup.
+                known = header_sets.get(tuple(given))
+            except TypeError:  # an unhashable header (a list, a bytearray): copy it below
+                known = None
+            if known is None:
+                copied: list[tuple[bytes, bytes]] = []
+                total = 0
+                for name, value in given:
+                    if type(name) is not bytes:
+                        name = bytes(name)
+                    if type(value) is not bytes:
+                        value = bytes(value)
+                    copied.append((name, value))
+                    total += len(name) + len(value)
+                # An immutable copy (the app may reuse its list), shared with every later
+                # response with equal headers: a stored record holds none of its own.
+                copy = tuple(copied)
+                if len(header_sets) >= _HEADER_SETS:
+                    header_sets.clear()
+                known = (copy, total)
+                header_sets[copy] = known
+            self.headers, size = known
             # Headers count against the limit too: a record's size is what it holds.
             self.size = size
-            shared = self.shared
             if (
                 status not in shared.statuses
                 or message.get("trailers", False)
@@ -175,6 +233,11 @@ class Run:
                 self.chunks = None
         else:
             self.chunks = None
+        return self.send_on(message)
+
+    async def _send_after(self, pending: Awaitable[None], message: Message) -> None:
+        """Forward ``message`` once an async store has ended the claim."""
+        await pending
         await self.send_on(message)
 
     def settle(self, keep: bool) -> Coroutine[Any, Any, None] | None:

@@ -1,0 +1,195 @@
+"""The compiled half of :class:`~ttlstore.asgi.IdempotencyMiddleware`: what every request runs.
+
+mypyc compiles this module (setup.py ``COMPILED``); :mod:`ttlstore.asgi.idempotency` adds the
+constructor with its argument checks (interpreted in every build, so bad arguments get this
+package's messages, not mypyc's) and the documentation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ttlstore._idem_api import Outcome, Replay, Started
+from ttlstore._idem_run import ASGIApp, BodyTooLarge, Receive, Run, Scope, Send, Shared, read_body
+from ttlstore._mypyc import mypyc_attr
+from ttlstore.records import StoredResponse
+
+__all__ = ["MiddlewareCore"]
+
+_REPLAYED = (b"idempotent-replayed", b"true")
+
+# Prefix of every lookup key this middleware builds, so that a store it shares with
+# @idempotent (whose keys start with a function's name) never mixes the two.
+_NAMESPACE = "asgi"
+_UNSCOPED = f"{_NAMESPACE}\x00\x00"  # the lookup prefix without a tenant callable
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
+class MiddlewareCore:
+    """State and request path of an IdempotencyMiddleware; see there."""
+
+    __slots__ = (
+        "_fingerprints",
+        "_header",
+        "_header_name",
+        "_max_body",
+        "_parse_key",
+        "_quoted",
+        "_required",
+        "_shared",
+        "_tenant_of",
+        "app",
+    )
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        fingerprints: dict[str, Callable[[bytes, bytes, bytes], str]],
+        quoted: Callable[[bytes], object],
+        parse_key: Callable[[bytes], str | None],
+        header: str,
+        required: bool,
+        # Returns object: a compiled call checks a declared str itself, with mypyc's message.
+        tenant: Callable[[Scope], object] | None,
+        max_body: int,
+        shared: Shared,
+    ) -> None:
+        """Set up from arguments IdempotencyMiddleware checked."""
+        self.app = app
+        self._fingerprints = fingerprints
+        self._quoted = quoted
+        self._parse_key = parse_key
+        self._header_name = header
+        self._header = header.lower().encode("ascii")
+        self._required = required
+        self._tenant_of = tenant
+        self._max_body = max_body
+        self._shared = shared
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        fingerprinter = self._fingerprints.get(scope["method"])
+        if fingerprinter is None:
+            await self.app(scope, receive, send)
+            return
+        # One pass over the request's headers. Names are compared as given: ASGI servers
+        # hand them over lower-cased (Starlette's own Headers relies on that too).
+        wanted = self._header
+        # Any, as a server hands them: the compiled build must not refuse a bytes-like value
+        # with mypyc's own TypeError where the interpreted one takes it.
+        raw: Any = None
+        declared: Any = None
+        for name, value in scope["headers"]:
+            if name == wanted:
+                # Several lines combine with ", " (RFC 9110), which no key survives.
+                raw = value if raw is None else raw + b", " + value
+            elif name == b"content-length":
+                declared = value
+        if raw is None:
+            if self._required:
+                await self._refuse(send, "missing")
+            else:
+                await self.app(scope, receive, send)
+            return
+        plain = self._quoted(raw)  # what clients send: "key"; the rest is parsed in full
+        key = raw[1:-1].decode("ascii") if plain is not None else self._parse_key(raw)
+        if key is None:
+            await self._refuse(send, "malformed")
+            return
+        limit = self._max_body
+        try:
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise BodyTooLarge
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                chunk: Any = message.get("body", b"")  # the usual one-message body
+                if len(chunk) > limit:
+                    raise BodyTooLarge
+                body: bytes | None = chunk if type(chunk) is bytes else bytes(chunk)
+            else:
+                body = await read_body(receive, message, limit)
+        except BodyTooLarge:
+            await self._refuse(send, "too large")
+            return
+        if body is None:
+            return  # the client is gone before anything ran: nothing to claim or answer
+        if self._tenant_of is None:
+            lookup = _UNSCOPED + key
+        else:
+            lookup = f"{_NAMESPACE}\x00{self._tenant(scope)}\x00{key}"
+        print_ = fingerprinter(
+            scope.get("raw_path") or scope["path"].encode("utf-8"),
+            scope.get("query_string", b""),
+            body,
+        )
+        shared = self._shared
+        # Any: whatever a backend answers is checked below with this package's messages, not
+        # cast (with mypyc's) by the compiled build.
+        outcome: Any
+        try:
+            store = shared.sync_store
+            if store is not None:
+                outcome = store.begin(lookup, print_)
+            else:
+                outcome = await shared.async_store.begin(lookup, print_)
+        except Exception as error:
+            shared.failed(error, "on begin()")
+            await self._refuse(send, "unavailable")
+            return
+        if type(outcome) is Started or isinstance(outcome, Started):
+            # Inline rather than a call: one coroutine less on every first request.
+            token = outcome.token
+            run = Run(shared, lookup, token, body, receive, send)
+            running = shared.running
+            running[lookup] = token
+            try:
+                await self.app(scope, run.receive, run.send)
+            finally:
+                if running.get(lookup) == token:
+                    del running[lookup]
+                if not run.settled:  # no complete body was sent: the retry must run again
+                    pending = run.settle(False)
+                    if pending is not None:
+                        await pending
+        elif isinstance(outcome, Replay):
+            result: object = outcome.result
+            response = result if type(result) is StoredResponse else _check_stored(result)
+            body = response.body
+            headers = [*response.headers, _REPLAYED]
+            for name, _ in response.headers:
+                if name == b"content-length" or name.lower() == b"content-length":
+                    break
+            else:
+                headers.append((b"content-length", b"%d" % len(body)))
+            await send(
+                {"type": "http.response.start", "status": response.status, "headers": headers}
+            )
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+        else:
+            await self._answer(send, lookup, outcome)
+
+    async def _answer(self, send: Send, lookup: str, outcome: Outcome[Any]) -> None:
+        """Every outcome but ``Started`` and ``Replay``: a problem response (sent by
+        IdempotencyMiddleware, which holds the wording)."""
+        raise NotImplementedError
+
+    async def _refuse(self, send: Send, reason: str) -> None:
+        """A problem response for a request refused before the store answered: ``reason`` is
+        "missing", "malformed" (key), "too large" (body) or "unavailable" (store)."""
+        raise NotImplementedError
+
+    def _tenant(self, scope: Scope) -> str:
+        assert self._tenant_of is not None
+        tenant = self._tenant_of(scope)
+        if not isinstance(tenant, str):
+            raise TypeError(f"tenant callable must return a str, got {tenant!r}")
+        return tenant
+
+
+def _check_stored(response: object) -> StoredResponse:
+    if not isinstance(response, StoredResponse):
+        raise TypeError(f"the idempotency store holds {response!r}, not a StoredResponse")
+    return response

@@ -1,0 +1,285 @@
+"""The compiled half of an :class:`~ttlstore.idempotency.IdempotencyStore`: its state, its
+running claims, and the two calls every request makes (``begin`` and ``complete``).
+
+mypyc compiles this module (setup.py ``COMPILED``); :mod:`ttlstore._idem_store` adds the
+constructor with its argument checks, the weak-reference slot and everything that is not on a
+request's path, interpreted in every build. Methods take ``Any`` and check their arguments
+themselves, so a wrong type gets this package's message, not mypyc's.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any, TypeAlias
+
+from ttlstore._idem_api import BUSY, MISMATCH, InProgress, Outcome, Replay, Started
+from ttlstore._mypyc import mypyc_attr
+from ttlstore.records import StoredResponse
+from ttlstore.store import StoreStats, TTLStore
+
+__all__ = ["ABSENT", "ClaimTable", "IdempotencyCore", "Record"]
+
+# A record is ``(fingerprint, result)``, or ``(fingerprint, status, headers, body)`` for a
+# StoredResponse; a claim is ``(fingerprint, token, deadline)``. Exact tuples of strings, bytes
+# and ints are untracked by CPython's cyclic GC, so a full store costs a full collection one
+# object per entry (the store's own), not three. (A record holding its Replay would spare a
+# replay building it, but costs the collector three objects more per record.)
+Record: TypeAlias = tuple[Any, ...]
+
+ABSENT: Any = object()
+"""What no table holds: a lookup's "not found", and the store's "release, store nothing"."""
+
+# Tokens are drawn from the OS's CSPRNG this many at a time: one os.urandom() call per batch
+# instead of one per claim (a system call costs more than the rest of begin()).
+_TOKEN_BATCH = 64
+
+# A StoredResponse rebuilt from a record without its Python-level __new__.
+_as_response = tuple.__new__
+
+# Outcomes built without their dataclass __init__ (a Python frame and a frozen setattr): the
+# object, then its one slot set through the slot's own descriptor. A fifth cheaper, and equal.
+_new = object.__new__
+_set_token = Started.__dict__["token"].__set__
+_set_result = Replay.__dict__["result"].__set__
+
+
+class ClaimTable:
+    """An idempotency store's running claims: key -> (fingerprint, token, deadline).
+
+    Every claim gets the same lease, so on a monotonic clock the order claims are made in is
+    the order they fall due: an ``OrderedDict`` in claim order finds due claims at its front,
+    O(1) each, and a claim costs three dict operations over its life. A claim is never evicted
+    (the store answers ``Busy`` at the bound instead). Unlocked: the store's lock guards it,
+    and the store reads and writes :attr:`data` itself on its hot paths. Reads offer what a
+    swept, inspected table needs (as :class:`~ttlstore.TTLStore` does).
+    """
+
+    __slots__ = ("_clock", "_expirations", "data", "lease", "maxsize")
+
+    def __init__(self, maxsize: int, lease: float, clock: Callable[[], float]) -> None:
+        self.maxsize = maxsize
+        self.lease = lease
+        self._clock = clock
+        # Claims as Python tuples: the compiled build would otherwise convert each one it reads.
+        self.data: OrderedDict[str, Any] = OrderedDict()
+        self._expirations = 0
+
+    def drop(self, key: Any) -> None:
+        """Reclaim the claim on ``key``, found past its deadline."""
+        del self.data[key]
+        self._expirations += 1
+
+    def full(self, now: float) -> bool:
+        """Whether ``maxsize`` live claims are held, after reclaiming due ones. O(1) amortized."""
+        if len(self.data) < self.maxsize:
+            return False
+        self._expire(None, now)
+        return len(self.data) >= self.maxsize
+
+    def _expire(self, limit: int | None, now: float) -> int:
+        data = self.data
+        done = 0
+        while data and (limit is None or done < limit):
+            key, claim = next(iter(data.items()))
+            if claim[2] > now:
+                break
+            del data[key]
+            done += 1
+        self._expirations += done
+        return done
+
+    # ------------------------------------------------------------ reads, for the view
+
+    def expire(self, limit: int | None = None) -> int:
+        """Reclaim up to ``limit`` due claims (all if None); return how many. O(k)."""
+        return self._expire(limit, self._clock())
+
+    def ttl(self, key: Any) -> float:
+        """Seconds left of the claim on ``key``; ``KeyError`` if there is none."""
+        now = self._clock()
+        claim = self.data.get(key)
+        if claim is None or claim[2] <= now:
+            raise KeyError(key)
+        left: float = claim[2] - now
+        return left
+
+    def peek(self, key: Any, default: Any = None) -> Any:
+        """``(fingerprint, token)`` of the live claim on ``key``, else ``default``."""
+        claim = self.data.get(key)
+        return claim[:2] if claim is not None and claim[2] > self._clock() else default
+
+    def live_count(self) -> int:
+        """Live claims, counted without reclaiming due ones. O(k) for k due claims."""
+        now = self._clock()
+        due = 0
+        for claim in self.data.values():  # in deadline order: the due ones come first
+            if claim[2] > now:
+                break
+            due += 1
+        return len(self.data) - due
+
+    def stats(self) -> StoreStats:
+        """Claims reclaimed after their lease ran out (``expirations``) and live claims
+        (``size``) as a :class:`~ttlstore.StoreStats`; the store's own ``stats()`` counts the
+        rest. Reclaims nothing."""
+        return StoreStats(
+            hits=0,
+            misses=0,
+            writes=0,
+            expirations=self._expirations,
+            evictions=0,
+            deletions=0,
+            replacements=0,
+            size=self.live_count(),
+            weight=0,
+        )
+
+    @property
+    def default_ttl(self) -> float:
+        return self.lease
+
+    def __contains__(self, key: object) -> bool:
+        claim = self.data.get(key)  # type: ignore[call-overload]
+        return claim is not None and claim[2] > self._clock()
+
+    def __len__(self) -> int:
+        self._expire(None, self._clock())
+        return len(self.data)
+
+    def __iter__(self) -> Iterator[str]:
+        self._expire(None, self._clock())
+        return iter(list(self.data))
+
+    def __repr__(self) -> str:
+        # Counts what is held, due claims included: repr must not reclaim.
+        return f"<claims stored={len(self.data)} maxsize={self.maxsize} lease={self.lease:g}>"
+
+
+# Compiled with an interpreted subclass (IdempotencyStore) that adds the constructor's checks
+# and the weak-reference slot (mypyc's own is mis-traversed by CPython 3.11's collector).
+@mypyc_attr(allow_interpreted_subclasses=True)
+class IdempotencyCore:
+    """State, ``begin`` and ``complete`` of an IdempotencyStore; see there."""
+
+    __slots__ = (
+        "_busy",
+        "_claims",
+        "_claims_started",
+        "_clock",
+        "_completions",
+        "_conflicts",
+        "_lock",
+        "_mismatches",
+        "_records",
+        "_releases",
+        "_replays",
+        "_stale",
+        "_tokens",
+    )
+
+    def __init__(
+        self,
+        records: TTLStore[str, Record],
+        claims: ClaimTable,
+        clock: Callable[[], float],
+        lock: threading.Lock | None,
+    ) -> None:
+        """Set up an empty store from tables and arguments IdempotencyStore made and checked."""
+        self._records = records
+        self._claims = claims
+        self._clock = clock
+        self._lock = lock
+        self._tokens: list[str] = []
+        self._claims_started = self._replays = self._conflicts = self._mismatches = 0
+        self._busy = self._completions = self._releases = self._stale = 0
+
+    def begin(self, key: Any, fingerprint: Any) -> Outcome[Any]:
+        """Claim ``key`` for a request with ``fingerprint``, or say why not. O(1) amortized.
+
+        A stored record wins (``Replay``, or ``Mismatch`` for another fingerprint), then a
+        running claim (``InProgress`` with the lease it has left, or ``Mismatch``), then the
+        in-flight bound (``Busy``). Otherwise the caller gets ``Started`` with a fresh
+        unguessable token.
+        """
+        if type(key) is not str and not isinstance(key, str):
+            raise TypeError(f"key must be a str, got {key!r}")
+        if type(fingerprint) is not str and not isinstance(fingerprint, str):
+            raise TypeError(f"fingerprint must be a str, got {fingerprint!r}")
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            record = self._records.get(key)
+            if record is not None:
+                if record[0] != fingerprint:
+                    self._mismatches += 1
+                    return MISMATCH
+                self._replays += 1
+                replay: Replay[Any] = _new(Replay)
+                if len(record) == 4:  # a flattened StoredResponse, see complete()
+                    _set_result(replay, _as_response(StoredResponse, record[1:]))
+                else:
+                    _set_result(replay, record[1])
+                return replay
+            claims = self._claims
+            data = claims.data
+            now = self._clock()
+            claim = data.get(key)
+            if claim is not None:
+                if claim[2] > now:
+                    if claim[0] != fingerprint:
+                        self._mismatches += 1
+                        return MISMATCH
+                    self._conflicts += 1
+                    return InProgress(claim[2] - now)
+                claims.drop(key)  # its lease ran out: the key is free again
+            # Checked here rather than by making room: a running claim is never dropped.
+            if len(data) >= claims.maxsize and claims.full(now):
+                self._busy += 1
+                return BUSY
+            tokens = self._tokens
+            if not tokens:
+                pool = secrets.token_hex(16 * _TOKEN_BATCH)
+                tokens += [pool[i : i + 32] for i in range(0, len(pool), 32)]
+            token = tokens.pop()
+            data[key] = (fingerprint, token, now + claims.lease)
+            self._claims_started += 1
+            started: Started = _new(Started)
+            _set_token(started, token)
+            return started
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def complete(self, key: Any, token: Any, result: Any) -> bool:
+        """Store ``result`` for ``key`` (for ``ttl``) and end the claim. O(1) amortized.
+
+        Returns False, storing nothing, if ``token`` no longer owns ``key`` (its lease ran out,
+        it was completed or released already, or it never did).
+        """
+        # Also the body of release() (result ABSENT): the hot call pays no second frame.
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            data = self._claims.data
+            claim = data.get(key)
+            if claim is None or claim[1] != token or claim[2] <= self._clock():
+                self._stale += 1
+                return False
+            del data[key]
+            if result is ABSENT:
+                self._releases += 1
+                return True
+            # A StoredResponse (a tuple) flattens into the record: one object for the GC less.
+            self._records[key] = (
+                (claim[0], *result) if type(result) is StoredResponse else (claim[0], result)
+            )
+            self._completions += 1
+            return True
+        finally:
+            if lock is not None:
+                lock.release()
