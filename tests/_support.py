@@ -99,3 +99,17 @@ def fault_counts(records: Iterable[logging.LogRecord], component: str) -> list[i
             assert found is not None, message
             counts.append(int(found.group(1)))
     return counts
+
+
+async def asgi_call(app: Any, scope: Scope, body: bytes = b"") -> list[Message]:
+    """One request straight through an ASGI ``app`` (no HTTP client): the messages it sent."""
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests._support import AsyncStore, CountingApp, fault_counts, start_message
+from tests._support import AsyncStore, CountingApp, asgi_call, fault_counts, start_message
 from ttlstore import _faults
 from ttlstore.asgi import (
     DEFAULT_STORE_STATUSES,
@@ -634,16 +634,7 @@ async def _post_raw(app: Any, key: bytes) -> list[Message]:
         "query_string": b"",
         "headers": [(b"idempotency-key", key)],
     }
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"x", "more_body": False}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    return sent
+    return await asgi_call(app, scope, b"x")
 
 
 async def test_bytes_like_response_headers_are_stored_as_bytes_and_replayed() -> None:

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests._support import fault_counts
+from tests._support import asgi_call, fault_counts
 from ttlstore import _faults
 from ttlstore._errors import BackendUnavailable
 from ttlstore.asgi import (
@@ -238,20 +238,6 @@ def test_default_key_is_the_peer_address() -> None:
     assert client_host({"type": "http"}) is None
 
 
-async def call(app: Any, scope: Scope) -> list[Message]:
-    """One raw ASGI request: the messages the app sent."""
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    return sent
-
-
 def http_scope(**extra: Any) -> Scope:
     scope: Scope = {"type": "http", "method": "GET", "path": "/", "headers": [], **extra}
     return scope
@@ -265,8 +251,8 @@ async def test_no_client_address_warns_once_per_middleware(
     with caplog.at_level(logging.WARNING, logger="ttlstore"):
         for _ in range(3):
             for scope in (http_scope(), http_scope(client=None)):
-                assert (await call(first, scope))[0]["status"] == 200
-        assert (await call(second, http_scope()))[0]["status"] == 200
+                assert (await asgi_call(first, scope))[0]["status"] == 200
+        assert (await asgi_call(second, http_scope()))[0]["status"] == 200
     warnings = [r for r in caplog.records if r.name == "ttlstore"]
     assert [r.levelno for r in warnings] == [logging.WARNING] * 2  # one per middleware
     message = warnings[0].getMessage()
@@ -275,9 +261,9 @@ async def test_no_client_address_warns_once_per_middleware(
     assert "key=" in message
     assert limiter.stats().allowed == limiter.stats().denied == 0
     # With an address the default key limits as usual.
-    sent = await call(first, http_scope(client=("192.0.2.1", 1)))
+    sent = await asgi_call(first, http_scope(client=("192.0.2.1", 1)))
     assert sent[0]["status"] == 200
-    assert (await call(first, http_scope(client=("192.0.2.1", 1))))[0]["status"] == 429
+    assert (await asgi_call(first, http_scope(client=("192.0.2.1", 1))))[0]["status"] == 429
 
 
 async def test_a_key_function_returning_none_is_not_warned_about(
@@ -286,7 +272,7 @@ async def test_a_key_function_returning_none_is_not_warned_about(
     limiter = TokenBucketLimiter(1, 1, clock=clock)
     app = RateLimitMiddleware(hello, limiter, key=forwarded_for)
     with caplog.at_level(logging.WARNING, logger="ttlstore"):
-        assert (await call(app, http_scope()))[0]["status"] == 200
+        assert (await asgi_call(app, http_scope()))[0]["status"] == 200
     assert not [r for r in caplog.records if r.name == "ttlstore"]
 
 
