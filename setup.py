@@ -30,7 +30,7 @@ COMPILED = (
     "ttlstore/_gcra.py",
     "ttlstore/_bucket_steps.py",
     "ttlstore/_slot_core.py",
-    "ttlstore/asgi/_ratelimit_run.py",
+    "ttlstore/_ratelimit_run.py",
     "ttlstore/_idem_core.py",
     "ttlstore/_idem_run.py",
     "ttlstore/_idem_call.py",

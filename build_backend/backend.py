@@ -15,9 +15,6 @@ from setuptools import build_meta as _setuptools
 from setuptools.build_meta import *  # noqa: F403 - every hook setuptools offers, as it offers it
 
 MYPYC = "mypy>=1.11"
-# mypyc type-checks what it compiles with the modules it imports: the compiled
-# ttlstore.asgi._ratelimit_run sits in the package whose __init__ imports http_sf.
-COMPILE_REQUIRES = (MYPYC, "http-sf>=1.0")
 
 
 def _may_compile() -> bool:
@@ -26,9 +23,8 @@ def _may_compile() -> bool:
 
 
 def get_requires_for_build_wheel(config_settings: dict[str, Any] | None = None) -> list[str]:
-    """setuptools' requirements for a wheel, and mypy (with http-sf) when the wheel may be
-    compiled."""
+    """setuptools' requirements for a wheel, and mypy when the wheel may be compiled."""
     requires = list(_setuptools.get_requires_for_build_wheel(config_settings))
     if _may_compile():
-        requires.extend(COMPILE_REQUIRES)
+        requires.append(MYPYC)
     return requires

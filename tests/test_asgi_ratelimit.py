@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from tests._support import asgi_call, fault_counts
 from ttlstore import _faults
 from ttlstore._errors import BackendUnavailable
+from ttlstore._ratelimit_run import FIELDS_KEPT
 from ttlstore.asgi import (
     Message,
     RateLimitMiddleware,
@@ -29,7 +30,6 @@ from ttlstore.asgi import (
     client_host,
     get_header,
 )
-from ttlstore.asgi._ratelimit_run import FIELDS_KEPT
 from ttlstore.asgi.ratelimit import ratelimit_field
 from ttlstore.ratelimit import Decision, Limit, TokenBucketLimiter
 from ttlstore.testing import FakeClock, RedisServer

@@ -521,7 +521,7 @@ def test_the_build_under_test_is_the_one_expected() -> None:
         "_gcra",
         "_bucket_steps",
         "_slot_core",
-        "asgi._ratelimit_run",
+        "_ratelimit_run",
         "_idem_core",
         "_idem_run",
         "_idem_call",

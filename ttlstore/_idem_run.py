@@ -6,9 +6,10 @@ forwards the response while keeping a bounded copy, and ends the claim exactly o
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
+from collections.abc import Awaitable, Coroutine
 from typing import Any, cast
 
+from ttlstore._asgi_base import ASGIApp, Message, Receive, Scope, Send
 from ttlstore._errors import BackendUnavailable
 from ttlstore._faults import FaultLog
 from ttlstore._idem_api import (
@@ -30,14 +31,6 @@ __all__ = [
     "Shared",
     "read_body",
 ]
-
-# The ASGI types of ttlstore.asgi._http, spelled out: a compiled module must not import
-# ttlstore.asgi, whose package needs http_sf (absent where a wheel is built).
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Distinct header tuples a middleware shares between its stored responses.
 _HEADER_SETS = 256

@@ -22,13 +22,13 @@ from collections.abc import Callable
 
 import http_sf
 
-from ttlstore.asgi._http import ASGIApp, Scope
-from ttlstore.asgi._ratelimit_run import (
+from ttlstore._ratelimit_run import (
     SF_INTEGER_MAX,
     RateLimitRun,
     client_host,
     ratelimit_field,
 )
+from ttlstore.asgi._http import ASGIApp, Scope
 from ttlstore.ratelimit import AsyncLimiter, Limit, Limiter
 
 __all__ = ["RateLimitMiddleware", "client_host", "ratelimit_field"]

@@ -4,7 +4,7 @@ mypyc compiles this module with the core, so a request costs the compiled build 
 interpreted frame here; :class:`ttlstore.asgi.ratelimit.RateLimitMiddleware`, always
 interpreted, checks the arguments and serialises what is constant per limiter (with the
 messages and signature users see, which a compiled ``__init__`` would pre-empt with mypyc's
-own type errors).
+own type errors). It imports nothing from ``ttlstore.asgi`` (see :mod:`ttlstore._asgi_base`).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+from ttlstore._asgi_base import ASGIApp, Message, Receive, Scope, Send, send_problem
 from ttlstore._errors import BackendUnavailable
 from ttlstore._faults import FaultLog
 from ttlstore._limits import Decision, Limit
 from ttlstore._mypyc import mypyc_attr
-from ttlstore.asgi._http import ASGIApp, Message, Receive, Scope, Send, send_problem
 
 __all__ = ["FIELDS_KEPT", "SF_INTEGER_MAX", "RateLimitRun", "client_host", "ratelimit_field"]
 
