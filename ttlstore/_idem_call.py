@@ -1,23 +1,36 @@
 """The compiled half of :class:`~ttlstore.asgi.IdempotencyMiddleware`: what every request runs.
 
-mypyc compiles this module (setup.py ``COMPILED``); :mod:`ttlstore.asgi.idempotency` adds the
-constructor with its argument checks (interpreted in every build, so bad arguments get this
-package's messages, not mypyc's) and the documentation.
+mypyc compiles this module (setup.py ``COMPILED``), problem responses included (their ASGI
+plumbing comes from :mod:`ttlstore._asgi_base`, not ``ttlstore.asgi``, which needs http_sf);
+:mod:`ttlstore.asgi.idempotency` adds the constructor with its argument checks (interpreted in
+every build, so bad arguments get this package's messages, not mypyc's) and the documentation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from ttlstore._idem_api import Outcome, Replay, Started
+from ttlstore._asgi_base import send_problem
+from ttlstore._idem_api import Busy, InProgress, Mismatch, Outcome, Replay, Started
 from ttlstore._idem_run import ASGIApp, BodyTooLarge, Receive, Run, Scope, Send, Shared, read_body
 from ttlstore._mypyc import mypyc_attr
 from ttlstore.records import StoredResponse
 
-__all__ = ["MiddlewareCore"]
+__all__ = ["MAX_KEY_LENGTH", "MiddlewareCore"]
+
+MAX_KEY_LENGTH = 255
+"""Longest idempotency key accepted, in characters."""
 
 _REPLAYED = (b"idempotent-replayed", b"true")
+
+# A 409's Retry-After is at most a day, even for a backend configured with a longer lease.
+_RETRY_AFTER_MAX = 86_400
+
+# Retry-After on 503, and on a 409 whose owner runs in this process: a held key frees as soon
+# as its request ends, usually well before its lease, so a short hint serves clients better.
+_RETRY_AFTER = (b"retry-after", b"1")
 
 # Prefix of every lookup key this middleware builds, so that a store it shares with
 # @idempotent (whose keys start with a function's name) never mixes the two.
@@ -90,14 +103,15 @@ class MiddlewareCore:
                 declared = value
         if raw is None:
             if self._required:
-                await self._refuse(send, "missing")
+                await self._problem(send, 400, "Missing idempotency key", "is required")
             else:
                 await self.app(scope, receive, send)
             return
         plain = self._quoted(raw)  # what clients send: "key"; the rest is parsed in full
         key = raw[1:-1].decode("ascii") if plain is not None else self._parse_key(raw)
         if key is None:
-            await self._refuse(send, "malformed")
+            detail = f"must be a quoted string or a token of 1 to {MAX_KEY_LENGTH} characters"
+            await self._problem(send, 400, "Malformed idempotency key", detail)
             return
         limit = self._max_body
         try:
@@ -112,7 +126,8 @@ class MiddlewareCore:
             else:
                 body = await read_body(receive, message, limit)
         except BodyTooLarge:
-            await self._refuse(send, "too large")
+            detail = f"allows request bodies of at most {limit} bytes"
+            await self._problem(send, 413, "Request body too large", detail)
             return
         if body is None:
             return  # the client is gone before anything ran: nothing to claim or answer
@@ -137,7 +152,7 @@ class MiddlewareCore:
                 outcome = await shared.async_store.begin(lookup, print_)
         except Exception as error:
             shared.failed(error, "on begin()")
-            await self._refuse(send, "unavailable")
+            await send_problem(send, 503, "Idempotency store unavailable", headers=[_RETRY_AFTER])
             return
         if type(outcome) is Started or isinstance(outcome, Started):
             # Inline rather than a call: one coroutine less on every first request.
@@ -172,14 +187,38 @@ class MiddlewareCore:
             await self._answer(send, lookup, outcome)
 
     async def _answer(self, send: Send, lookup: str, outcome: Outcome[Any]) -> None:
-        """Every outcome but ``Started`` and ``Replay``: a problem response (sent by
-        IdempotencyMiddleware, which holds the wording)."""
-        raise NotImplementedError
+        """Every outcome but ``Started`` and ``Replay``: a problem response."""
+        if isinstance(outcome, InProgress):
+            detail = "belongs to a request that is still being processed; retry later"
+            retry = self._retry_after(lookup, outcome)
+            await self._problem(send, 409, "Request in progress", detail, [retry])
+        elif isinstance(outcome, Mismatch):
+            detail = "was already used for a different request (method, path, query or body)"
+            await self._problem(send, 422, "Idempotency key reused", detail)
+        elif isinstance(outcome, Busy):
+            detail = "cannot be claimed now: too many requests are in progress"
+            await self._problem(send, 503, "Too many requests in progress", detail, [_RETRY_AFTER])
+        else:
+            raise TypeError(f"store.begin() answered {outcome!r}, which is no Outcome")
 
-    async def _refuse(self, send: Send, reason: str) -> None:
-        """A problem response for a request refused before the store answered: ``reason`` is
-        "missing", "malformed" (key), "too large" (body) or "unavailable" (store)."""
-        raise NotImplementedError
+    def _retry_after(self, lookup: str, outcome: InProgress) -> tuple[bytes, bytes]:
+        """``Retry-After`` for a 409: 1 s when this middleware runs the owner (it ends soon),
+        else the seconds left of the owner's lease, rounded up, when the backend says."""
+        left = outcome.retry_after
+        if lookup in self._shared.running or left is None or not left > 1:
+            return _RETRY_AFTER
+        return (b"retry-after", b"%d" % math.ceil(min(left, _RETRY_AFTER_MAX)))
+
+    async def _problem(
+        self,
+        send: Send,
+        status: int,
+        title: str,
+        detail: str,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> None:
+        """A problem response whose detail starts with the header's name."""
+        await send_problem(send, status, title, f"{self._header_name} {detail}", headers)
 
     def _tenant(self, scope: Scope) -> str:
         assert self._tenant_of is not None

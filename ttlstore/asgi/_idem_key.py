@@ -16,6 +16,8 @@ from typing import Any
 
 import http_sf
 
+from ttlstore._idem_call import MAX_KEY_LENGTH
+
 __all__ = [
     "MAX_KEY_LENGTH",
     "Fingerprinter",
@@ -24,9 +26,6 @@ __all__ = [
     "parse_idempotency_key",
     "quoted_key",
 ]
-
-MAX_KEY_LENGTH = 255
-"""Longest idempotency key accepted, in characters."""
 
 # RFC 9110 token characters: a bare key such as a UUID that does not parse as a structured
 # field item (one starting with a digit parses as an Integer or fails) is accepted as a token.

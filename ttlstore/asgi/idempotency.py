@@ -10,14 +10,12 @@ key parser and the fingerprint live in :mod:`ttlstore.asgi._idem_key`, one owner
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Collection, Iterable
-from typing import Any
 
 from ttlstore._checks import positive_int
 from ttlstore._idem_call import MiddlewareCore
 from ttlstore._idem_run import Shared
-from ttlstore.asgi._http import ASGIApp, Scope, Send, send_problem
+from ttlstore.asgi._http import ASGIApp, Scope
 from ttlstore.asgi._idem_key import (
     MAX_KEY_LENGTH,
     Fingerprinter,
@@ -28,11 +26,7 @@ from ttlstore.asgi._idem_key import (
 )
 from ttlstore.idempotency import (
     AsyncIdempotencyBackend,
-    Busy,
     IdempotencyBackend,
-    InProgress,
-    Mismatch,
-    Outcome,
 )
 from ttlstore.records import StoredResponse
 
@@ -51,13 +45,6 @@ DEFAULT_MAX_BODY = 1 << 20
 
 DEFAULT_MAX_RESPONSE = 64 << 10
 """Largest response body (bytes) stored for replay: 64 KiB (5 000 records: at most ~330 MB)."""
-
-# A 409's Retry-After is at most a day, even for a backend configured with a longer lease.
-_RETRY_AFTER_MAX = 86_400
-
-# Retry-After on 503, and on a 409 whose owner runs in this process: a held key frees as soon
-# as its request ends, usually well before its lease, so a short hint serves clients better.
-_RETRY_AFTER = (b"retry-after", b"1")
 
 DEFAULT_STORE_STATUSES: frozenset[int] = frozenset(range(200, 500)) - {401, 408, 425, 429}
 """Statuses whose responses are stored and replayed: every 2xx, 3xx and 4xx except those that
@@ -173,50 +160,3 @@ class IdempotencyMiddleware(MiddlewareCore):
     def faults(self) -> int:
         """Store faults met so far (each answered 503 or logged); logged at most every 10 s."""
         return self._shared.faults.count
-
-    async def _refuse(self, send: Send, reason: str) -> None:
-        """A problem response for a request refused before the store answered."""
-        if reason == "missing":
-            await self._problem(send, 400, "Missing idempotency key", "is required")
-        elif reason == "malformed":
-            detail = f"must be a quoted string or a token of 1 to {MAX_KEY_LENGTH} characters"
-            await self._problem(send, 400, "Malformed idempotency key", detail)
-        elif reason == "too large":
-            detail = f"allows request bodies of at most {self._max_body} bytes"
-            await self._problem(send, 413, "Request body too large", detail)
-        else:
-            await send_problem(send, 503, "Idempotency store unavailable", headers=[_RETRY_AFTER])
-
-    async def _answer(self, send: Send, lookup: str, outcome: Outcome[Any]) -> None:
-        """Every outcome but ``Started`` and ``Replay``: a problem response."""
-        if isinstance(outcome, InProgress):
-            detail = "belongs to a request that is still being processed; retry later"
-            retry = self._retry_after(lookup, outcome)
-            await self._problem(send, 409, "Request in progress", detail, [retry])
-        elif isinstance(outcome, Mismatch):
-            detail = "was already used for a different request (method, path, query or body)"
-            await self._problem(send, 422, "Idempotency key reused", detail)
-        elif isinstance(outcome, Busy):
-            detail = "cannot be claimed now: too many requests are in progress"
-            await self._problem(send, 503, "Too many requests in progress", detail, [_RETRY_AFTER])
-        else:
-            raise TypeError(f"store.begin() answered {outcome!r}, which is no Outcome")
-
-    def _retry_after(self, lookup: str, outcome: InProgress) -> tuple[bytes, bytes]:
-        """``Retry-After`` for a 409: 1 s when this middleware runs the owner (it ends soon),
-        else the seconds left of the owner's lease, rounded up, when the backend says."""
-        left = outcome.retry_after
-        if lookup in self._shared.running or left is None or not left > 1:
-            return _RETRY_AFTER
-        return (b"retry-after", b"%d" % math.ceil(min(left, _RETRY_AFTER_MAX)))
-
-    async def _problem(
-        self,
-        send: Send,
-        status: int,
-        title: str,
-        detail: str,
-        headers: Iterable[tuple[bytes, bytes]] = (),
-    ) -> None:
-        """A problem response whose detail starts with the header's name."""
-        await send_problem(send, status, title, f"{self._header_name} {detail}", headers)
