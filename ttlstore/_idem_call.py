@@ -12,9 +12,9 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ttlstore._asgi_base import send_problem
+from ttlstore._asgi_base import ASGIApp, Receive, Scope, Send, send_problem
 from ttlstore._idem_api import Busy, InProgress, Mismatch, Outcome, Replay, Started
-from ttlstore._idem_run import ASGIApp, BodyTooLarge, Receive, Run, Scope, Send, Shared, read_body
+from ttlstore._idem_run import BodyTooLarge, Run, Shared, read_body
 from ttlstore._mypyc import mypyc_attr
 from ttlstore.records import StoredResponse
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Coroutine
 from typing import Any, cast
 
-from ttlstore._asgi_base import ASGIApp, Message, Receive, Scope, Send
+from ttlstore._asgi_base import Message, Receive, Send
 from ttlstore._errors import BackendUnavailable
 from ttlstore._faults import FaultLog
 from ttlstore._idem_api import (
@@ -20,17 +20,7 @@ from ttlstore._idem_api import (
 )
 from ttlstore.records import StoredResponse
 
-__all__ = [
-    "ASGIApp",
-    "BodyTooLarge",
-    "Message",
-    "Receive",
-    "Run",
-    "Scope",
-    "Send",
-    "Shared",
-    "read_body",
-]
+__all__ = ["BodyTooLarge", "Run", "Shared", "read_body"]
 
 # Distinct header tuples a middleware shares between its stored responses.
 _HEADER_SETS = 256
