@@ -34,6 +34,7 @@ COMPILED = (
     "ttlstore/_idem_core.py",
     "ttlstore/_idem_run.py",
     "ttlstore/_idem_call.py",
+    "ttlstore/_idem_read.py",
 )
 
 #: Commands that build binaries. Anything else (sdist, egg_info, editable_wheel, develop)

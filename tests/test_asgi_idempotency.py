@@ -36,7 +36,7 @@ from ttlstore.asgi import (
     get_header,
     parse_idempotency_key,
 )
-from ttlstore.asgi._idem_key import Fingerprinter, quoted_key
+from ttlstore.asgi._idem_key import MAX_KEY_LENGTH, Fingerprinter, plain_key
 from ttlstore.asgi.idempotency import fingerprint
 from ttlstore.idempotency import IdempotencyStore, InProgress, Outcome, Replay, Started
 from ttlstore.testing import FakeClock, RedisServer
@@ -603,18 +603,34 @@ def test_the_key_parser_agrees_with_http_sf(value: bytes) -> None:
 
 @given(_field_values)
 @settings(max_examples=2_000, deadline=None)
-def test_the_middleware_s_quoted_key_fast_path_agrees_with_http_sf(value: bytes) -> None:
-    # The middleware reads a field value quoted_key() matches as the bytes between the quotes.
-    if quoted_key(value) is not None:
-        assert value[1:-1].decode("ascii") == key_by_http_sf(value)
+def test_the_middleware_s_plain_key_fast_path_agrees_with_http_sf(value: bytes) -> None:
+    # The middleware takes the key plain_key() reads, if any, without the full parser.
+    key = plain_key(value)
+    if key is not None:
+        assert key == key_by_http_sf(value) == parse_idempotency_key(value)
 
 
 @given(_printable.filter(lambda text: '"' not in text and "\\" not in text))
-def test_the_quoted_key_fast_path_takes_every_plain_quoted_key(text: str) -> None:
+def test_the_plain_key_fast_path_takes_every_plain_quoted_key(text: str) -> None:
     value = b'"' + text.encode() + b'"'
     expected = key_by_http_sf(value)
-    assert (quoted_key(value) is not None) == (expected is not None)
+    assert plain_key(value) == expected
     assert parse_idempotency_key(value) == expected
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=2_000, deadline=None)
+def test_plain_key_agrees_with_http_sf_on_any_bytes(value: bytes) -> None:
+    # Quotes, backslashes, controls, DEL and non-ASCII bytes inside the quotes, any length.
+    quoted = b'"' + value + b'"'
+    for candidate in (value, quoted):
+        key = plain_key(candidate)
+        if key is not None:
+            assert key == key_by_http_sf(candidate)
+    plain = 1 <= len(value) <= MAX_KEY_LENGTH and all(
+        0x20 <= byte <= 0x7E and byte not in b'"\\' for byte in value
+    )
+    assert (plain_key(quoted) is not None) == plain
 
 
 async def _bytes_like_headers_app(scope: Scope, receive: Receive, send: Send) -> None:

@@ -525,6 +525,7 @@ def test_the_build_under_test_is_the_one_expected() -> None:
         "_idem_core",
         "_idem_run",
         "_idem_call",
+        "_idem_read",
     )
     files = [str(importlib.import_module(f"ttlstore.{name}").__file__) for name in names]
     assert [not file.endswith(".py") for file in files] == [expected] * len(names), files

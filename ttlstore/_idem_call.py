@@ -14,14 +14,12 @@ from typing import Any
 
 from ttlstore._asgi_base import ASGIApp, Receive, Scope, Send, send_problem
 from ttlstore._idem_api import Busy, InProgress, Mismatch, Outcome, Replay, Started
+from ttlstore._idem_read import MAX_KEY_LENGTH, Fingerprinter, plain_key
 from ttlstore._idem_run import BodyTooLarge, Run, Shared, read_body
 from ttlstore._mypyc import mypyc_attr
 from ttlstore.records import StoredResponse
 
 __all__ = ["MAX_KEY_LENGTH", "MiddlewareCore"]
-
-MAX_KEY_LENGTH = 255
-"""Longest idempotency key accepted, in characters."""
 
 _REPLAYED = (b"idempotent-replayed", b"true")
 
@@ -47,8 +45,8 @@ class MiddlewareCore:
         "_header",
         "_header_name",
         "_max_body",
+        "_max_body_digits",
         "_parse_key",
-        "_quoted",
         "_required",
         "_shared",
         "_tenant_of",
@@ -58,8 +56,7 @@ class MiddlewareCore:
     def __init__(
         self,
         app: ASGIApp,
-        fingerprints: dict[str, Callable[[bytes, bytes, bytes], str]],
-        quoted: Callable[[bytes], object],
+        fingerprints: dict[str, Fingerprinter],
         parse_key: Callable[[bytes], str | None],
         header: str,
         required: bool,
@@ -71,13 +68,14 @@ class MiddlewareCore:
         """Set up from arguments IdempotencyMiddleware checked."""
         self.app = app
         self._fingerprints = fingerprints
-        self._quoted = quoted
         self._parse_key = parse_key
         self._header_name = header
         self._header = header.lower().encode("ascii")
         self._required = required
         self._tenant_of = tenant
         self._max_body = max_body
+        # A declared length with fewer digits is within max_body: no int() of it.
+        self._max_body_digits = len(str(max_body))
         self._shared = shared
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -107,15 +105,22 @@ class MiddlewareCore:
             else:
                 await self.app(scope, receive, send)
             return
-        plain = self._quoted(raw)  # what clients send: "key"; the rest is parsed in full
-        key = raw[1:-1].decode("ascii") if plain is not None else self._parse_key(raw)
+        # What clients send, "key", read here; the rest (and a bytes-like value) in full.
+        key = plain_key(raw) if type(raw) is bytes else None
+        if key is None:
+            key = self._parse_key(raw)
         if key is None:
             detail = f"must be a quoted string or a token of 1 to {MAX_KEY_LENGTH} characters"
             await self._problem(send, 400, "Malformed idempotency key", detail)
             return
         limit = self._max_body
         try:
-            if declared is not None and declared.isdigit() and int(declared) > limit:
+            if (
+                declared is not None
+                and len(declared) >= self._max_body_digits
+                and declared.isdigit()
+                and int(declared) > limit
+            ):
                 raise BodyTooLarge
             message = await receive()
             if message["type"] == "http.request" and not message.get("more_body", False):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import FunctionType
-from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
 
 from ttlstore._deadlines import INF, Entry
 from ttlstore._slot import Slot
@@ -218,8 +218,11 @@ def do_compute(self: StoreCore, key: K, fn: Callable[[Slot[Any, Any]], R]) -> R:
         slot.value = entry.value
     plan.op = KEEP
     plan.busy = True
+    # The store's Slot is the generic one: passed as it is, since a typing.cast() is a
+    # Python call per compute() in the interpreted build.
+    call: Callable[[Any], R] = fn
     try:
-        result = fn(cast("Slot[Any, Any]", slot))
+        result = call(slot)
     finally:
         plan.busy = False
         # Hold no reference to the value or key once the call is over.

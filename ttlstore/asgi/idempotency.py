@@ -22,7 +22,6 @@ from ttlstore.asgi._idem_key import (
     fingerprint,
     is_token,
     parse_idempotency_key,
-    quoted_key,
 )
 from ttlstore.idempotency import (
     AsyncIdempotencyBackend,
@@ -145,7 +144,6 @@ class IdempotencyMiddleware(MiddlewareCore):
             # Method -> its fingerprint function: which methods are guarded, and their hash
             # states set up once.
             {method: Fingerprinter(method) for method in _check_methods(methods)},
-            quoted_key,
             parse_idempotency_key,
             header,
             required,
