@@ -306,6 +306,38 @@ async def test_request_bodies_over_max_body_get_413(
     assert store.stats().claims == 1
 
 
+@pytest.mark.parametrize(
+    ("declared", "refused"),
+    [
+        (b"9", False),
+        (b"99", False),
+        (b"100", False),
+        (b"0000100", False),
+        (b"101", True),
+        (b"0101", True),
+        (b"1000", True),
+        (b"99999999999999999999", True),
+    ],
+)
+async def test_a_declared_content_length_over_max_body_is_refused_before_the_body(
+    app: CountingApp, declared: bytes, refused: bool
+) -> None:
+    # The declared length is compared as a number, whatever its digits (leading zeros too);
+    # a body that fits is read and run even when its declared length is wrong.
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/orders",
+        "raw_path": b"/orders",
+        "query_string": b"",
+        "headers": [(b"idempotency-key", b'"k"'), (b"content-length", declared)],
+    }
+    middleware = IdempotencyMiddleware(app, IdempotencyStore(), max_body=100)
+    start, _ = await asgi_call(middleware, scope, b"x")
+    assert start["status"] == (413 if refused else 201)
+    assert app.calls == (0 if refused else 1)
+
+
 # Bytes of the header fields of a /stream response: they count against max_response too.
 STREAM_HEADERS = sum(len(k) + len(v) for k, v in start_message(200, 1)["headers"])
 
