@@ -324,16 +324,9 @@ async def test_a_declared_content_length_over_max_body_is_refused_before_the_bod
 ) -> None:
     # The declared length is compared as a number, whatever its digits (leading zeros too);
     # a body that fits is read and run even when its declared length is wrong.
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/orders",
-        "raw_path": b"/orders",
-        "query_string": b"",
-        "headers": [(b"idempotency-key", b'"k"'), (b"content-length", declared)],
-    }
     middleware = IdempotencyMiddleware(app, IdempotencyStore(), max_body=100)
-    start, _ = await asgi_call(middleware, scope, b"x")
+    headers = [(b"idempotency-key", b'"k"'), (b"content-length", declared)]
+    start, _ = await asgi_call(middleware, _post_scope(headers), b"x")
     assert start["status"] == (413 if refused else 201)
     assert app.calls == (0 if refused else 1)
 
@@ -672,17 +665,21 @@ async def _bytes_like_headers_app(scope: Scope, receive: Receive, send: Send) ->
     await send({"type": "http.response.body", "body": b"made"})
 
 
-async def _post_raw(app: Any, key: bytes) -> list[Message]:
-    """One POST straight through ``app`` (no HTTP client, which wants its headers as bytes)."""
-    scope = {
+def _post_scope(headers: list[tuple[bytes, Any]]) -> Scope:
+    """The scope of a POST /orders with ``headers``, as a server hands it over."""
+    return {
         "type": "http",
         "method": "POST",
         "path": "/orders",
         "raw_path": b"/orders",
         "query_string": b"",
-        "headers": [(b"idempotency-key", key)],
+        "headers": headers,
     }
-    return await asgi_call(app, scope, b"x")
+
+
+async def _post_raw(app: Any, key: bytes) -> list[Message]:
+    """One POST straight through ``app`` (no HTTP client, which wants its headers as bytes)."""
+    return await asgi_call(app, _post_scope([(b"idempotency-key", key)]), b"x")
 
 
 async def test_bytes_like_response_headers_are_stored_as_bytes_and_replayed() -> None:
