@@ -26,13 +26,8 @@ __all__ = [
 
 # RFC 9110 token characters: a bare key such as a UUID that does not parse as a structured
 # field item (one starting with a digit parses as an Integer or fails) is accepted as a token.
+# Together with plain_key's quoted strings, this is every key a client actually sends.
 _TCHARS = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-
-# A String of 1 to MAX_KEY_LENGTH printable ASCII characters without escapes: what http_sf
-# parses to exactly the characters between the quotes, and a key of an accepted length
-# (plain_key's test, for any bytes-like value). Together with _TCHARS this is every key a
-# client actually sends.
-_PLAIN_STRING = re.compile(rb'"([ !#-\[\]-~]{1,%d})"' % MAX_KEY_LENGTH)
 
 
 def parse_idempotency_key(value: bytes) -> str | None:
@@ -48,9 +43,10 @@ def parse_idempotency_key(value: bytes) -> str | None:
     answer for every value (a property test compares them).
     """
     stripped = value.strip(b" \t")
-    plain = _PLAIN_STRING.fullmatch(stripped)
+    # plain_key() takes bytes (compiled, it refuses anything else): copy a bytes-like value.
+    plain = plain_key(stripped if type(stripped) is bytes else bytes(stripped))
     if plain is not None:
-        return plain.group(1).decode("ascii")
+        return plain
     if _TCHARS.fullmatch(stripped) is not None:
         return stripped.decode("ascii") if len(stripped) <= MAX_KEY_LENGTH else None
     return _parse_structured(stripped)

@@ -3,7 +3,8 @@
 :class:`IdempotencyMiddleware` implements the ``Idempotency-Key`` request header (IETF draft
 *The Idempotency-Key HTTP Header Field*, Stripe's behaviour) on any
 :class:`~ttlstore.idempotency.IdempotencyBackend`. Needs the ``asgi`` extra (``http-sf``). The
-key parser and the fingerprint live in :mod:`ttlstore.asgi._idem_key`, one owner's run in
+key parser lives in :mod:`ttlstore.asgi._idem_key`, the plain-key reader and the fingerprint
+in :mod:`ttlstore._idem_read`, one owner's run in
 :mod:`ttlstore._idem_run` and the request path, compiled in the compiled build, in
 :mod:`ttlstore._idem_call`.
 """
