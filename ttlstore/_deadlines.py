@@ -17,7 +17,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Mapping, MutableMapping
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 
 # Keys and values as the compiled core sees them. The core is not Generic: mypyc gives a
 # Generic class a __dict__ and a weak-reference slot, which costs every entry 16 bytes and
@@ -26,16 +26,16 @@ from typing import Any, TypeAlias
 K: TypeAlias = Any
 V: TypeAlias = Any
 
-INF = float("inf")
+INF: Final = float("inf")
 
 # Stale items tolerated beyond the live count before a rebuild, so that tiny stores do not
 # rebuild on every delete.
-_COMPACT_SLACK = 32
+_COMPACT_SLACK: Final = 32
 
 # Once this many items were popped one by one in a single unbounded sweep, filtering the rest of
 # the heap in one pass and re-heapifying is cheaper than going on popping (heappop costs
 # O(log n) Python-level comparisons; the filter is one C-speed pass).
-_BULK_MIN = 64
+_BULK_MIN: Final = 64
 
 
 class Entry:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Final
 
 from ttlstore._asgi_base import ASGIApp, Receive, Scope, Send, send_problem
 from ttlstore._idem_api import Busy, InProgress, Mismatch, Outcome, Replay, Started
@@ -21,19 +21,19 @@ from ttlstore.records import StoredResponse
 
 __all__ = ["MAX_KEY_LENGTH", "MiddlewareCore"]
 
-_REPLAYED = (b"idempotent-replayed", b"true")
+_REPLAYED: Final = (b"idempotent-replayed", b"true")
 
 # A 409's Retry-After is at most a day, even for a backend configured with a longer lease.
-_RETRY_AFTER_MAX = 86_400
+_RETRY_AFTER_MAX: Final = 86_400
 
 # Retry-After on 503, and on a 409 whose owner runs in this process: a held key frees as soon
 # as its request ends, usually well before its lease, so a short hint serves clients better.
-_RETRY_AFTER = (b"retry-after", b"1")
+_RETRY_AFTER: Final = (b"retry-after", b"1")
 
 # Prefix of every lookup key this middleware builds, so that a store it shares with
 # @idempotent (whose keys start with a function's name) never mixes the two.
-_NAMESPACE = "asgi"
-_UNSCOPED = f"{_NAMESPACE}\x00\x00"  # the lookup prefix without a tenant callable
+_NAMESPACE: Final = "asgi"
+_UNSCOPED: Final = f"{_NAMESPACE}\x00\x00"  # the lookup prefix without a tenant callable
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)

@@ -13,7 +13,7 @@ import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 
 from ttlstore._idem_api import BUSY, MISMATCH, InProgress, Outcome, Replay, Started
 from ttlstore._mypyc import mypyc_attr
@@ -29,21 +29,21 @@ __all__ = ["ABSENT", "ClaimTable", "IdempotencyCore", "Record"]
 # replay building it, but costs the collector three objects more per record.)
 Record: TypeAlias = tuple[Any, ...]
 
-ABSENT: Any = object()
+ABSENT: Final[Any] = object()
 """What no table holds: a lookup's "not found", and the store's "release, store nothing"."""
 
 # Tokens are drawn from the OS's CSPRNG this many at a time: one os.urandom() call per batch
 # instead of one per claim (a system call costs more than the rest of begin()).
-_TOKEN_BATCH = 64
+_TOKEN_BATCH: Final = 64
 
 # A StoredResponse rebuilt from a record without its Python-level __new__.
-_as_response = tuple.__new__
+_as_response: Final = tuple.__new__
 
 # Outcomes built without their dataclass __init__ (a Python frame and a frozen setattr): the
 # object, then its one slot set through the slot's own descriptor. A fifth cheaper, and equal.
-_new = object.__new__
-_set_token = Started.__dict__["token"].__set__
-_set_result = Replay.__dict__["result"].__set__
+_new: Final = object.__new__
+_set_token: Final = Started.__dict__["token"].__set__
+_set_result: Final = Replay.__dict__["result"].__set__
 
 
 class ClaimTable:

@@ -40,7 +40,7 @@ def plain_key(value: bytes) -> str | None:
     return None
 
 
-_LENGTH = struct.Struct(">Q").pack
+_LENGTH: Final = struct.Struct(">Q").pack
 _blake2b = hashlib.blake2b
 
 # The length prefixes of short paths and query strings, packed once: indexing costs a fifth

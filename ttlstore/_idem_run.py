@@ -7,7 +7,7 @@ forwards the response while keeping a bounded copy, and ends the claim exactly o
 from __future__ import annotations
 
 from collections.abc import Awaitable, Coroutine
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from ttlstore._asgi_base import Message, Receive, Send
 from ttlstore._errors import BackendUnavailable
@@ -23,10 +23,10 @@ from ttlstore.records import StoredResponse
 __all__ = ["BodyTooLarge", "Run", "Shared", "read_body"]
 
 # Distinct header tuples a middleware shares between its stored responses.
-_HEADER_SETS = 256
+_HEADER_SETS: Final = 256
 
 # A StoredResponse built without its Python-level __new__ (what NamedTuple._make does too).
-_as_response = tuple.__new__
+_as_response: Final = tuple.__new__
 
 
 class BodyTooLarge(Exception):

@@ -23,7 +23,7 @@ from ttlstore._mypyc import mypyc_attr
 
 __all__ = ["FIELDS_KEPT", "SF_INTEGER_MAX", "RateLimitRun", "client_host", "ratelimit_field"]
 
-logger = logging.getLogger("ttlstore")
+logger: Final = logging.getLogger("ttlstore")
 
 # The largest Structured Field Integer (15 digits). A window or a wait beyond it (over 31
 # million years, which a Limit allows) is sent as this: the fields must always serialise.

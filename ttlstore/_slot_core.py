@@ -16,7 +16,7 @@ collector mis-traverses (see :mod:`ttlstore._core`).
 
 from __future__ import annotations
 
-from typing import Any, SupportsFloat
+from typing import Any, Final, SupportsFloat
 
 from ttlstore._checks import finite_seconds, ttl_or_none
 from ttlstore._mypyc import mypyc_attr
@@ -24,10 +24,12 @@ from ttlstore._types import DEFAULT_TTL, StoreDefault
 
 __all__ = ["KEEP", "REMOVE", "WRITE", "Plan", "SlotCore", "set_until"]
 
-_INF = float("inf")
+_INF: Final = float("inf")
 
 # What a Slot asks compute() to do once its function has returned.
-KEEP, WRITE, REMOVE = 0, 1, 2
+KEEP: Final = 0
+WRITE: Final = 1
+REMOVE: Final = 2
 
 
 class Plan:

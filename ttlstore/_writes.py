@@ -12,8 +12,19 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
 from ttlstore._deadlines import INF, Entry
 from ttlstore._slot import Slot
 from ttlstore._slot_core import KEEP, WRITE, Plan, SlotCore
-from ttlstore._steps import drop_expired, expire_due, hit, live, removed, weigh
-from ttlstore._types import DEFAULT_TTL, RemovalCause, StoreDefault
+from ttlstore._steps import (
+    DELETED,
+    EVICTED,
+    EXPIRED,
+    REPLACED,
+    drop_expired,
+    expire_due,
+    hit,
+    live,
+    removed,
+    weigh,
+)
+from ttlstore._types import DEFAULT_TTL, StoreDefault
 
 if TYPE_CHECKING:
     from ttlstore._core import StoreCore
@@ -25,7 +36,7 @@ K: TypeAlias = Any
 V: TypeAlias = Any
 R = TypeVar("R")
 
-_new_entry = Entry.__new__
+_new_entry: Final = Entry.__new__
 # Whether Entry is an interpreted class (not compiled by mypyc), which write() builds without
 # calling its constructor.
 _PURE: Final = isinstance(Entry.__init__, FunctionType)
@@ -74,11 +85,11 @@ def write(
             redate(self, entry, deadline, value)
         self._replacements += 1
         if self._on_remove is not None:
-            self._pending.append((key, old_value, RemovalCause.REPLACED))
+            self._pending.append((key, old_value, REPLACED))
     else:
         if entry is not None:
             del data[key]
-            removed(self, entry, RemovalCause.EXPIRED)
+            removed(self, entry, EXPIRED)
         if len(data) >= self._maxsize:
             # Make room. Inline: as a _make_room() call, set-evict was 4-8 % slower.
             index = self._index
@@ -99,7 +110,7 @@ def write(
                 if self._weigher is not None:
                     self._weight -= self._weighed.pop(victim.key)
                 if self._on_remove is not None:
-                    self._pending.append((victim.key, victim.value, RemovalCause.EVICTED))
+                    self._pending.append((victim.key, victim.value, EVICTED))
         if self._weigher is not None:
             shed_weight(self, now, weight, replacing=False)
         if _PURE:
@@ -166,7 +177,7 @@ def shed_weight(self: StoreCore, now: float, weight: float, replacing: bool) -> 
             # Only float residue of many additions and subtractions is left over.
             self._weight = 0.0
             break
-        removed(self, data.popitem(False)[1], RemovalCause.EVICTED)
+        removed(self, data.popitem(False)[1], EVICTED)
 
 
 def do_setdefault(self: StoreCore, key: K, default: V, ttl: float | None, weight: float) -> V:
@@ -262,12 +273,12 @@ def do_compute(self: StoreCore, key: K, fn: Callable[[Slot[Any, Any]], R]) -> R:
             self._replacements += 1
             self._writes += 1
             if self._on_remove is not None:
-                self._pending.append((key, old_value, RemovalCause.REPLACED))
+                self._pending.append((key, old_value, REPLACED))
         else:
             compute_write(self, key, value, plan, now, weight)
     elif op != KEEP and entry is not None:  # REMOVE
         del self._data[key]
-        removed(self, entry, RemovalCause.DELETED)
+        removed(self, entry, DELETED)
     return result
 
 
@@ -283,4 +294,4 @@ def compute_write(self: StoreCore, key: K, value: V, plan: Plan, now: float, wei
         entry = self._lookup(key)
         if entry is not None:
             del self._data[key]
-            removed(self, entry, RemovalCause.EXPIRED)
+            removed(self, entry, EXPIRED)
