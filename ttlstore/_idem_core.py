@@ -42,6 +42,12 @@ _as_response: Final = tuple.__new__
 # Outcomes built without their dataclass __init__ (a Python frame and a frozen setattr): the
 # object, then its one slot set through the slot's own descriptor. A fifth cheaper, and equal.
 _new: Final = object.__new__
+# Imported classes read on every request, bound to Finals: compiled, a Final is a C static,
+# where an imported name is a dictionary lookup in the module's globals on each read.
+_STARTED: Final = Started
+_REPLAY: Final = Replay
+_STORED_RESPONSE: Final = StoredResponse
+
 _set_token: Final = Started.__dict__["token"].__set__
 _set_result: Final = Replay.__dict__["result"].__set__
 
@@ -218,9 +224,9 @@ class IdempotencyCore:
                     self._mismatches += 1
                     return MISMATCH
                 self._replays += 1
-                replay: Replay[Any] = _new(Replay)
+                replay: Replay[Any] = _new(_REPLAY)
                 if len(record) == 4:  # a flattened StoredResponse, see complete()
-                    _set_result(replay, _as_response(StoredResponse, record[1:]))
+                    _set_result(replay, _as_response(_STORED_RESPONSE, record[1:]))
                 else:
                     _set_result(replay, record[1])
                 return replay
@@ -247,7 +253,7 @@ class IdempotencyCore:
             token = tokens.pop()
             data[key] = (fingerprint, token, now + claims.lease)
             self._claims_started += 1
-            started: Started = _new(Started)
+            started: Started = _new(_STARTED)
             _set_token(started, token)
             return started
         finally:
@@ -275,9 +281,14 @@ class IdempotencyCore:
                 self._releases += 1
                 return True
             # A StoredResponse (a tuple) flattens into the record: one object for the GC less.
-            self._records[key] = (
-                (claim[0], *result) if type(result) is StoredResponse else (claim[0], result)
-            )
+            if type(result) is _STORED_RESPONSE:
+                # Concatenated: unpacked into a display, a tuple subclass goes through a list
+                # and the iterator protocol (1.6 k instructions more compiled, callgrind;
+                # 132 ns against 61 interpreted, timeit).
+                record: Record = (claim[0],) + result  # noqa: RUF005
+            else:
+                record = (claim[0], result)
+            self._records[key] = record
             self._completions += 1
             return True
         finally:

@@ -27,6 +27,8 @@ _HEADER_SETS: Final = 256
 
 # A StoredResponse built without its Python-level __new__ (what NamedTuple._make does too).
 _as_response: Final = tuple.__new__
+# StoredResponse as a Final: compiled, a C static rather than a lookup in the module's globals.
+_STORED_RESPONSE: Final = StoredResponse
 
 
 class BodyTooLarge(Exception):
@@ -230,7 +232,7 @@ class Run:
         self.settled = True
         chunks = self.chunks
         response: StoredResponse | None = (
-            _as_response(StoredResponse, (self.status, self.headers, b"".join(chunks)))
+            _as_response(_STORED_RESPONSE, (self.status, self.headers, b"".join(chunks)))
             if keep and chunks is not None and self.status
             else None
         )
