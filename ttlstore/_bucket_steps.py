@@ -19,6 +19,7 @@ from ttlstore._gcra import NS, Bucket, Decision, State, check_cost, decide, full
 from ttlstore._mypyc import mypyc_attr
 from ttlstore._slot import Slot
 from ttlstore._slot_core import SlotCore, set_until
+from ttlstore._writes import locked_compute
 from ttlstore.store import TTLStore
 
 __all__ = ["LimiterCore", "Step", "Tally", "deadline_at", "step_for", "store_clock_for"]
@@ -141,7 +142,7 @@ class LimiterCore:
         step = self._steps.get(cost)
         if step is None:
             step = self._step_for(cost)
-        return self._store.compute(key, step)
+        return locked_compute(self._store, key, step)
 
     def _step_for(self, cost: int) -> Step:
         """The compute() function deciding a request of ``cost``; kept per cost, so that an

@@ -42,7 +42,7 @@ from ttlstore._steps import (
     weigh,
 )
 from ttlstore._types import DEFAULT_TTL, RemovalCause, RemovalListener, StoreDefault, StoreStats
-from ttlstore._writes import do_compute, do_setdefault, do_touch, do_update, write
+from ttlstore._writes import do_setdefault, do_touch, do_update, locked_compute, write
 
 __all__ = ["StoreCore"]
 
@@ -305,19 +305,7 @@ class StoreCore:
         thread-safe store would deadlock); with a ``weigher``, the weigher runs there too.
         O(1) plus ``fn``, or as :meth:`set` when it writes.
         """
-        # _run() written out: this is the rate limiter's hot path.
-        lock = self._lock
-        if lock is None:
-            result = do_compute(self, key, fn)
-        else:
-            lock.acquire()
-            try:
-                result = do_compute(self, key, fn)
-            finally:
-                lock.release()
-        if self._pending:
-            flush(self)
-        return result
+        return locked_compute(self, key, fn)
 
     def __delitem__(self, key: K) -> None:
         """Remove ``key`` (cause ``DELETED``); ``KeyError`` if absent or expired. O(1)."""

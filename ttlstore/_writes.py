@@ -19,6 +19,7 @@ from ttlstore._steps import (
     REPLACED,
     drop_expired,
     expire_due,
+    flush,
     hit,
     live,
     removed,
@@ -202,6 +203,28 @@ def do_touch(self: StoreCore, key: K, ttl: float | StoreDefault | None) -> bool:
     self._to_end(key)
     redate(self, entry, INF if entry.ttl is None else self._clock() + entry.ttl, entry.value)
     return True
+
+
+def locked_compute(self: StoreCore, key: K, fn: Callable[[Slot[Any, Any]], R]) -> R:
+    """:meth:`StoreCore.compute`: :func:`do_compute` under the lock, then the callbacks.
+
+    A function, so that the compiled rate limiter calls it natively: the method of a class
+    that allows interpreted subclasses is looked up by name and parses its arguments (with
+    this, acquire ran 8.1 k instructions instead of 8.4 k, callgrind, compiled). run()
+    written out.
+    """
+    lock = self._lock
+    if lock is None:
+        result = do_compute(self, key, fn)
+    else:
+        lock.acquire()
+        try:
+            result = do_compute(self, key, fn)
+        finally:
+            lock.release()
+    if self._pending:
+        flush(self)
+    return result
 
 
 def do_compute(self: StoreCore, key: K, fn: Callable[[Slot[Any, Any]], R]) -> R:
