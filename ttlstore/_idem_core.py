@@ -17,6 +17,7 @@ from typing import Any, Final, TypeAlias
 
 from ttlstore._idem_api import BUSY, MISMATCH, InProgress, Outcome, Replay, Started
 from ttlstore._mypyc import mypyc_attr
+from ttlstore._steps import read
 from ttlstore.records import StoredResponse
 from ttlstore.store import StoreStats, TTLStore
 
@@ -218,7 +219,8 @@ class IdempotencyCore:
         if lock is not None:
             lock.acquire()
         try:
-            record = self._records.get(key)
+            # read(): TTLStore.get's body, called natively (the method is looked up by name).
+            record = read(self._records, key, None)
             if record is not None:
                 if record[0] != fingerprint:
                     self._mismatches += 1
