@@ -49,6 +49,12 @@ _STARTED: Final = Started
 _REPLAY: Final = Replay
 _STORED_RESPONSE: Final = StoredResponse
 
+# The store's lock (always a threading.Lock) taken through its type's methods, the lock
+# passed first: compiled, lock.acquire() is looked up by name on every call.
+_LOCK_TYPE: Final = type(threading.Lock())
+_acquire: Final = _LOCK_TYPE.acquire
+_release: Final = _LOCK_TYPE.release
+
 _set_token: Final = Started.__dict__["token"].__set__
 _set_result: Final = Replay.__dict__["result"].__set__
 
@@ -217,7 +223,7 @@ class IdempotencyCore:
             raise TypeError(f"fingerprint must be a str, got {fingerprint!r}")
         lock = self._lock
         if lock is not None:
-            lock.acquire()
+            _acquire(lock)
         try:
             # read(): TTLStore.get's body, called natively (the method is looked up by name).
             record = read(self._records, key, None)
@@ -260,7 +266,7 @@ class IdempotencyCore:
             return started
         finally:
             if lock is not None:
-                lock.release()
+                _release(lock)
 
     def complete(self, key: Any, token: Any, result: Any) -> bool:
         """Store ``result`` for ``key`` (for ``ttl``) and end the claim. O(1) amortized.
@@ -271,7 +277,7 @@ class IdempotencyCore:
         # Also the body of release() (result ABSENT): the hot call pays no second frame.
         lock = self._lock
         if lock is not None:
-            lock.acquire()
+            _acquire(lock)
         try:
             data = self._claims.data
             claim = data.get(key)
@@ -295,4 +301,4 @@ class IdempotencyCore:
             return True
         finally:
             if lock is not None:
-                lock.release()
+                _release(lock)
