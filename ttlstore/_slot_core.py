@@ -19,12 +19,11 @@ from __future__ import annotations
 from typing import Any, Final, SupportsFloat
 
 from ttlstore._checks import finite_seconds, ttl_or_none
+from ttlstore._deadlines import INF
 from ttlstore._mypyc import mypyc_attr
 from ttlstore._types import DEFAULT_TTL, StoreDefault
 
 __all__ = ["KEEP", "REMOVE", "WRITE", "Plan", "SlotCore", "set_until"]
-
-_INF: Final = float("inf")
 
 # What a Slot asks compute() to do once its function has returned.
 KEEP: Final = 0
@@ -88,7 +87,7 @@ class SlotCore:
             if ttl is not DEFAULT_TTL:
                 raise TypeError(f"give ttl or deadline, not both (got ttl={ttl!r})")
             # A finite float, the rate limiter's every call, skips the call to the check.
-            if type(deadline) is float and -_INF < deadline < _INF:
+            if type(deadline) is float and -INF < deadline < INF:
                 checked_deadline = deadline
             else:
                 checked_deadline = finite_seconds("deadline", deadline)
