@@ -717,6 +717,37 @@ async def test_responses_with_equal_headers_share_one_stored_copy() -> None:
     assert first[2] is second[2]
 
 
+async def test_each_record_holds_its_own_responses_headers_when_an_app_reuses_its_list() -> None:
+    # One list object, changed in place between responses: each record must hold what its
+    # response had, whether it repeats the previous response's headers or an older one's.
+    shared_list: list[tuple[bytes, bytes]] = []
+    sets = {
+        "a": [(b"content-type", b"application/json")],
+        "b": [(b"content-type", b"text/plain"), (b"x-n", b"1")],
+        "none": [],
+    }
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        shared_list[:] = sets[scope["path"].rsplit("/", 1)[1]]
+        await send({"type": "http.response.start", "status": 201, "headers": shared_list})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    store = IdempotencyStore()
+    middleware = IdempotencyMiddleware(app, store)
+    order = ["a", "a", "b", "a", "none", "b", "b", "none", "a"]
+    for i, name in enumerate(order):
+        scope = {**_post_scope([(b"idempotency-key", b'"k-%d"' % i)]), "path": f"/o/{name}"}
+        await asgi_call(middleware, scope, b"x")
+    for i, name in enumerate(order):
+        record = store.stores[0].peek(f"asgi\x00\x00k-{i}")
+        assert record[2] == tuple(sets[name]), (i, name)
+        scope = {**_post_scope([(b"idempotency-key", b'"k-%d"' % i)]), "path": f"/o/{name}"}
+        start, _ = await asgi_call(middleware, scope, b"x")
+        assert start["headers"][: len(sets[name])] == sets[name]
+        assert (b"idempotent-replayed", b"true") in start["headers"]
+
+
 async def test_a_stored_response_holds_no_header_objects_of_its_own() -> None:
     # Objects allocated per stored record, everything counted (tracked or not): the lookup
     # key, the store's entry, the record, the fingerprint, and what the store's bookkeeping

@@ -18,6 +18,7 @@ from typing import Any, Final, TypeAlias
 from ttlstore._idem_api import BUSY, MISMATCH, InProgress, Outcome, Replay, Started
 from ttlstore._mypyc import mypyc_attr
 from ttlstore._steps import read
+from ttlstore._writes import write
 from ttlstore.records import StoredResponse
 from ttlstore.store import StoreStats, TTLStore
 
@@ -187,6 +188,7 @@ class IdempotencyCore:
         "_lock",
         "_mismatches",
         "_records",
+        "_records_ttl",
         "_releases",
         "_replays",
         "_stale",
@@ -202,6 +204,9 @@ class IdempotencyCore:
     ) -> None:
         """Set up an empty store from tables and arguments IdempotencyStore made and checked."""
         self._records = records
+        # What records[key] = record passes write(); the records store is unlocked, weighs
+        # nothing and calls nobody back (IdempotencyStore makes it so), so write() is all of it.
+        self._records_ttl = records.default_ttl
         self._claims = claims
         self._clock = clock
         self._lock = lock
@@ -296,7 +301,9 @@ class IdempotencyCore:
                 record: Record = (claim[0],) + result  # noqa: RUF005
             else:
                 record = (claim[0], result)
-            self._records[key] = record
+            # write(): TTLStore.__setitem__'s body, called natively (and without an interpreted
+            # frame: the method is looked up by name, or is a frame of its own, interpreted).
+            write(self._records, key, record, self._records_ttl, 0.0, False)
             self._completions += 1
             return True
         finally:

@@ -66,6 +66,7 @@ class Shared:
         "async_store",
         "faults",
         "header_sets",
+        "last_headers",
         "late",
         "limit",
         "running",
@@ -95,6 +96,10 @@ class Shared:
         # Starlette's two headers) and a response skips copying. Bounded: cleared when full,
         # so unbounded variety costs the sharing, never memory.
         self.header_sets: dict[tuple[Any, ...], tuple[tuple[tuple[bytes, bytes], ...], int]] = {}
+        # The last response's entry of that table: most responses repeat the one before, which
+        # one comparison finds without hashing every name and value (1.4 k instructions per
+        # response, callgrind, compiled). One attribute, so a reader never sees half of two.
+        self.last_headers: tuple[tuple[tuple[bytes, bytes], ...], int] = ((), 0)
         self.faults = FaultLog("IdempotencyMiddleware: the idempotency store failed")
         self.late = FaultLog("IdempotencyMiddleware")
 
@@ -186,8 +191,13 @@ class Run:
             given = message.get("headers", ())
             known: tuple[tuple[tuple[bytes, bytes], ...], int] | None
             try:
-                # Headers seen before, as given: their checked copy and size at one lookup.
-                known = header_sets.get(tuple(given))
+                seen = tuple(given)
+                known = shared.last_headers
+                if seen != known[0]:
+                    # Headers seen before, as given: their checked copy and size at one lookup.
+                    known = header_sets.get(seen)
+                    if known is not None:
+                        shared.last_headers = known
             except TypeError:  # an unhashable header (a list, a bytearray): copy it below
                 known = None
             if known is None:
@@ -207,6 +217,7 @@ class Run:
                     header_sets.clear()
                 known = (copy, total)
                 header_sets[copy] = known
+                shared.last_headers = known
             self.headers, size = known
             # Headers count against the limit too: a record's size is what it holds.
             self.size = size

@@ -5,6 +5,7 @@ Functions of the store rather than methods, for the reason given in :mod:`ttlsto
 
 from __future__ import annotations
 
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from types import FunctionType
 from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
@@ -38,6 +39,12 @@ V: TypeAlias = Any
 R = TypeVar("R")
 
 _new_entry: Final = Entry.__new__
+# The methods a write calls on the store's OrderedDict and deque, as Finals called with the
+# object first: compiled, a method of a class mypyc does not know is looked up by name on
+# every call.
+_popitem: Final = OrderedDict.popitem
+_popleft: Final = deque.popleft
+_append: Final = deque.append
 # Whether Entry is an interpreted class (not compiled by mypyc), which write() builds without
 # calling its constructor.
 _PURE: Final = isinstance(Entry.__init__, FunctionType)
@@ -101,10 +108,10 @@ def write(
                 # to sweeps and reads, so a write never pays for more than it frees.
                 expire_due(self, 1, now)
             while len(data) >= self._maxsize:
-                victim = data.popitem(False)[1]
+                victim = _popitem(data, False)[1]
                 if victim.filed is not None:
                     if fifo and fifo[0] is victim:
-                        fifo.popleft()  # the common case: LRU and FIFO heads coincide
+                        _popleft(fifo)  # the common case: LRU and FIFO heads coincide
                     else:
                         index.discard(victim, data)
                 self._evictions += 1
@@ -132,7 +139,7 @@ def write(
         # calling it made set-evict 8-9 % slower.
         if ttl == self._ttl and deadline != INF and (not fifo or fifo[-1].filed <= deadline):  # type: ignore[operator]
             entry.filed = deadline
-            fifo.append(entry)
+            _append(fifo, entry)
         elif deadline != INF:
             self._index.file(entry)
     if self._weigher is not None:
