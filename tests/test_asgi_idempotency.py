@@ -733,17 +733,18 @@ async def test_each_record_holds_its_own_responses_headers_when_an_app_reuses_it
         await send({"type": "http.response.start", "status": 201, "headers": shared_list})
         await send({"type": "http.response.body", "body": b"{}"})
 
+    def scope_for(i: int, name: str) -> Scope:
+        return {**_post_scope([(b"idempotency-key", b'"k-%d"' % i)]), "path": f"/o/{name}"}
+
     store = IdempotencyStore()
     middleware = IdempotencyMiddleware(app, store)
     order = ["a", "a", "b", "a", "none", "b", "b", "none", "a"]
     for i, name in enumerate(order):
-        scope = {**_post_scope([(b"idempotency-key", b'"k-%d"' % i)]), "path": f"/o/{name}"}
-        await asgi_call(middleware, scope, b"x")
+        await asgi_call(middleware, scope_for(i, name), b"x")
     for i, name in enumerate(order):
         record = store.stores[0].peek(f"asgi\x00\x00k-{i}")
         assert record[2] == tuple(sets[name]), (i, name)
-        scope = {**_post_scope([(b"idempotency-key", b'"k-%d"' % i)]), "path": f"/o/{name}"}
-        start, _ = await asgi_call(middleware, scope, b"x")
+        start, _ = await asgi_call(middleware, scope_for(i, name), b"x")
         assert start["headers"][: len(sets[name])] == sets[name]
         assert (b"idempotent-replayed", b"true") in start["headers"]
 
