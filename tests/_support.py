@@ -1,6 +1,6 @@
 """Test doubles shared by several test modules (no tests here): an ASGI app that counts
-executions, an async idempotency backend standing in for Redis, and a reader of the fault
-lines a component logs."""
+executions, an async idempotency backend standing in for Redis, a mapping that is not a dict,
+and a reader of the fault lines a component logs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from ttlstore.asgi import Message, Receive, Scope, Send
@@ -113,3 +113,26 @@ async def asgi_call(app: Any, scope: Scope, body: bytes = b"") -> list[Message]:
 
     await app(scope, receive, send)
     return sent
+
+
+class NotADict(MutableMapping[str, Any]):
+    """A scope or message that is a mapping but not a dict. ASGI servers hand over dicts, and
+    the compiled middlewares read those natively; any other mapping must read the same."""
+
+    def __init__(self, items: Mapping[str, Any]) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._items[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)

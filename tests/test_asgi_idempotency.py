@@ -24,7 +24,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests._support import AsyncStore, CountingApp, asgi_call, fault_counts, start_message
+from tests._support import (
+    AsyncStore,
+    CountingApp,
+    NotADict,
+    asgi_call,
+    fault_counts,
+    start_message,
+)
 from ttlstore import _faults
 from ttlstore.asgi import (
     DEFAULT_STORE_STATUSES,
@@ -680,6 +687,44 @@ def _post_scope(headers: list[tuple[bytes, Any]]) -> Scope:
 async def _post_raw(app: Any, key: bytes) -> list[Message]:
     """One POST straight through ``app`` (no HTTP client, which wants its headers as bytes)."""
     return await asgi_call(app, _post_scope([(b"idempotency-key", key)]), b"x")
+
+
+async def test_scopes_and_messages_that_are_not_dicts_are_stored_and_replayed_alike() -> None:
+    """The compiled build reads dicts natively; any other mapping, as scope, request
+    message or response message, is guarded the same, and the app gets what it was given."""
+    scopes: list[Scope] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        scopes.append(scope)
+        request = await receive()
+        start = {"type": "http.response.start", "status": 201, "headers": [(b"x-n", b"1")]}
+        await send(NotADict(start))
+        await send(NotADict({"type": "http.response.body", "body": b"made " + request["body"]}))
+
+    async def receive() -> Message:
+        return NotADict({"type": "http.request", "body": b"x", "more_body": False})
+
+    async def post(middleware: IdempotencyMiddleware) -> list[Message]:
+        sent: list[Message] = []
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        await middleware(NotADict(_post_scope([(b"idempotency-key", b'"a"')])), receive, send)
+        return sent
+
+    store = IdempotencyStore()
+    middleware = IdempotencyMiddleware(app, store)
+    for _ in range(2):
+        sent = await post(middleware)
+        start, body = sent
+        assert start["status"] == 201
+        assert start["headers"][0] == (b"x-n", b"1")
+        assert body["body"] == b"made x"
+    assert len(scopes) == 1  # the second was a replay
+    assert type(scopes[0]) is NotADict
+    assert sent[0]["headers"][1] == (b"idempotent-replayed", b"true")
+    assert store.stores[0].peek("asgi\x00\x00a")[2] == ((b"x-n", b"1"),)
 
 
 async def test_bytes_like_response_headers_are_stored_as_bytes_and_replayed() -> None:

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Hashable
 from fractions import Fraction
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests._support import asgi_call, fault_counts
+from tests._support import NotADict, asgi_call, fault_counts
 from ttlstore import _faults
 from ttlstore._errors import BackendUnavailable
 from ttlstore._ratelimit_run import FIELDS_KEPT
@@ -241,6 +242,64 @@ def test_default_key_is_the_peer_address() -> None:
 def http_scope(**extra: Any) -> Scope:
     scope: Scope = {"type": "http", "method": "GET", "path": "/", "headers": [], **extra}
     return scope
+
+
+async def test_scopes_and_messages_that_are_not_dicts_read_the_same(clock: FakeClock) -> None:
+    """The compiled build reads dicts natively; any other mapping takes the same path's
+    answers, and the app gets the scope it was given."""
+    limiter = TokenBucketLimiter(limits=[Limit.per(100, 60)], clock=clock)
+    scopes: list[Scope] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        scopes.append(scope)
+        start = {"type": "http.response.start", "status": 200, "headers": [(b"x-app", b"yes")]}
+        await send(NotADict(start))
+        await send(NotADict({"type": "http.response.body", "body": b"ok"}))
+
+    scope = NotADict(http_scope(client=("192.0.2.1", 1)))
+    middleware = RateLimitMiddleware(app, limiter)
+    start, body = await asgi_call(middleware, scope)
+    assert scopes[0] is scope
+    assert start["status"] == 200
+    assert start["headers"] == [
+        (b"x-app", b"yes"),
+        (b"ratelimit-policy", b'"default";q=100;w=60'),
+        (b"ratelimit", b'"default";r=99;t=1'),
+    ]
+    assert body["body"] == b"ok"
+    assert limiter.peek("192.0.2.1").remaining == 99
+
+
+class CountingLimiter(TokenBucketLimiter):
+    """A limiter whose acquire counts its calls (a subclass overriding acquire)."""
+
+    calls = 0
+
+    def acquire(self, key: Hashable, cost: int = 1) -> Decision:
+        type(self).calls += 1
+        return super().acquire(key, cost)
+
+
+class WithInstanceDict(TokenBucketLimiter):
+    """A subclass without __slots__, so that acquire can be set on an instance."""
+
+
+async def test_a_limiter_that_overrides_acquire_is_asked_through_it(clock: FakeClock) -> None:
+    """The middleware calls an in-memory limiter's decision natively, without building a
+    Decision, only when ``acquire`` is TokenBucketLimiter's own: an override, in a subclass
+    or on the instance, is what the middleware calls."""
+    CountingLimiter.calls = 0
+    limiter = CountingLimiter(limits=[Limit.per(100, 60)], clock=clock)
+    scope = http_scope(client=("192.0.2.1", 1))
+    for _ in range(3):
+        await asgi_call(RateLimitMiddleware(hello, limiter), scope)
+    assert CountingLimiter.calls == 3
+
+    refused = Decision(False, 0, 9.0, 9.0, 9.0, Limit.per(100, 60))
+    patched = WithInstanceDict(limits=[Limit.per(100, 60)], clock=clock)
+    patched.acquire = lambda key, cost=1: refused  # type: ignore[method-assign]
+    start, _ = await asgi_call(RateLimitMiddleware(hello, patched), scope)
+    assert start["status"] == 429
 
 
 async def test_no_client_address_warns_once_per_middleware(

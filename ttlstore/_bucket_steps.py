@@ -15,16 +15,35 @@ import math
 from collections.abc import Callable, Hashable
 from typing import Any, Final
 
-from ttlstore._gcra import NS, Bucket, Decision, State, check_cost, decide, full_at, take_one
+from ttlstore._gcra import (
+    NS,
+    Bucket,
+    Decision,
+    DecisionFields,
+    State,
+    check_cost,
+    decide_fields,
+    decision_of,
+    full_at,
+    take_one,
+)
 from ttlstore._mypyc import mypyc_attr
 from ttlstore._slot import Slot
 from ttlstore._slot_core import SlotCore, set_until
 from ttlstore._writes import locked_compute
 from ttlstore.store import TTLStore
 
-__all__ = ["LimiterCore", "Step", "Tally", "deadline_at", "step_for", "store_clock_for"]
+__all__ = [
+    "LimiterCore",
+    "Step",
+    "Tally",
+    "acquire_fields",
+    "deadline_at",
+    "step_for",
+    "store_clock_for",
+]
 
-Step = Callable[[Slot[Hashable, State | None]], Decision]
+Step = Callable[[Slot[Hashable, State | None]], DecisionFields]
 
 
 class Tally:
@@ -64,7 +83,8 @@ def store_clock_for(now_ns: Callable[[], int], epoch: int) -> Callable[[], float
 def step_for(
     buckets: tuple[Bucket, ...], now_ns: Callable[[], int], epoch: int, cost: int, tally: Tally
 ) -> Step:
-    """The compute() function deciding a request of ``cost`` against ``buckets``.
+    """The compute() function deciding a request of ``cost`` against ``buckets``; it answers
+    the decision's fields (:data:`~ttlstore._gcra.DecisionFields`).
 
     It reads the clock after the store has (an entry the store found expired is certainly
     full now too), treats an absent bucket (``slot.value`` None) as full, counts the decision
@@ -75,9 +95,9 @@ def step_for(
     if len(buckets) == 1:
         bucket = buckets[0]
 
-        def one_limit(slot: SlotCore) -> Decision:
+        def one_limit(slot: SlotCore) -> DecisionFields:
             # The common case: one arithmetic call (see take_one), deadline_at() written out.
-            decision, state, full = take_one(bucket, slot.value, now_ns() - epoch, cost)
+            fields, state, full = take_one(bucket, slot.value, now_ns() - epoch, cost)
             if state is None:
                 tally.denied += 1
             else:
@@ -86,19 +106,19 @@ def step_for(
                     deadline = deadline_at(full)
                 set_until(slot, state, deadline)
                 tally.allowed += 1
-            return decision
+            return fields
 
         return one_limit
 
-    def many_limits(slot: SlotCore) -> Decision:
+    def many_limits(slot: SlotCore) -> DecisionFields:
         now = now_ns() - epoch
-        decision, state = decide(buckets, slot.value, now, cost)
+        fields, state = decide_fields(buckets, slot.value, now, cost)
         if state is None:
             tally.denied += 1
         else:
             set_until(slot, state, deadline_at(full_at(buckets, state, now)))
             tally.allowed += 1
-        return decision
+        return fields
 
     return many_limits
 
@@ -142,7 +162,7 @@ class LimiterCore:
         step = self._steps.get(cost)
         if step is None:
             step = self._step_for(cost)
-        return locked_compute(self._store, key, step)
+        return decision_of(locked_compute(self._store, key, step))
 
     def _step_for(self, cost: int) -> Step:
         """The compute() function deciding a request of ``cost``; kept per cost, so that an
@@ -152,3 +172,17 @@ class LimiterCore:
             self._steps.clear()
         self._steps[cost] = step
         return step
+
+
+def acquire_fields(self: LimiterCore, key: Any) -> DecisionFields:
+    """``acquire(key)`` (a cost of 1), the decision's fields in a plain tuple: the rate-limit
+    middleware's call, which unpacks them.
+
+    A function, and no named tuple built: compiled, the method is looked up by name and
+    parses its arguments, and a ``Decision`` costs ``tuple.__new__``'s generic path (together
+    about 850 instructions of a 15 k rate-limited request, callgrind, CPython 3.11). O(1).
+    """
+    step = self._steps.get(1)
+    if step is None:
+        step = self._step_for(1)
+    return locked_compute(self._store, key, step)

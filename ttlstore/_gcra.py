@@ -46,6 +46,7 @@ __all__ = [
     "NS",
     "Bucket",
     "Decision",
+    "DecisionFields",
     "Limit",
     "Number",
     "RateLimited",
@@ -54,6 +55,8 @@ __all__ = [
     "check_cost",
     "check_timeout",
     "decide",
+    "decide_fields",
+    "decision_of",
     "exact",
     "full_at",
     "limits_from",
@@ -66,14 +69,22 @@ State: TypeAlias = tuple[int, ...]
 """A key's stored bucket state: one TAT per limit, in that limit's units (1/scale ns)."""
 
 
-_DecisionFields: TypeAlias = tuple[bool, int, float, float, float, Limit, "str | None"]
+DecisionFields: TypeAlias = tuple[bool, int, float, float, float, Limit, "str | None"]
+"""A :class:`Decision`'s fields in a plain tuple: what the arithmetic answers, and what
+the rate-limit middleware reads without the named tuple being built (see
+:func:`ttlstore._bucket_steps.acquire_fields`)."""
 
 # A Decision straight from its fields: the named tuple's own constructor is a Python function
 # that cost about as much again as the tuple (measured 650 vs 290 ns, CPython 3.11). Called
 # directly rather than through functools.partial, which copies the argument tuple first.
 # Decision as a Final: compiled, a C static rather than a lookup in the module's globals.
 _DECISION: Final = Decision
-_new_tuple: Final = cast(Callable[[type[Decision], _DecisionFields], Decision], tuple.__new__)
+_new_tuple: Final = cast(Callable[[type[Decision], DecisionFields], Decision], tuple.__new__)
+
+
+def decision_of(fields: DecisionFields) -> Decision:
+    """The :class:`Decision` with these fields. O(1)."""
+    return _new_tuple(_DECISION, fields)
 
 
 class Bucket:
@@ -141,9 +152,17 @@ def decide(
     decision describes the buckets after the request if ``take``, else as they are. All
     limits pass or none is charged. O(limits), integers only.
     """
+    fields, new_state = decide_fields(buckets, state, now, cost, take)
+    return _new_tuple(_DECISION, fields), new_state
+
+
+def decide_fields(
+    buckets: tuple[Bucket, ...], state: State | None, now: int, cost: int, take: bool = True
+) -> tuple[DecisionFields, State | None]:
+    """:func:`decide`, the decision's fields in a plain tuple. O(limits)."""
     if len(buckets) == 1:
-        decision, new_state, _ = take_one(buckets[0], state, now, cost, take)
-        return decision, new_state
+        fields, new_state, _ = take_one(buckets[0], state, now, cost, take)
+        return fields, new_state
     tats: list[int] = []
     new_tats: list[int] = []
     worst = -1  # the limit that refuses with the longest wait, if any
@@ -164,9 +183,7 @@ def decide(
         bucket = buckets[worst]
         remaining, reset_after, refill_after = bucket.view(now * worst_scale, tats[worst])
         retry_after = worst_wait / bucket.per_second
-        return Decision(
-            False, remaining, retry_after, reset_after, refill_after, bucket.limit
-        ), None
+        return (False, remaining, retry_after, reset_after, refill_after, bucket.limit, None), None
     best = 0
     best_view = (0, 0.0, 0.0)
     for i, tat in enumerate(new_tats if take else tats):
@@ -175,50 +192,39 @@ def decide(
         if i == 0 or view[0] < best_view[0]:
             best, best_view = i, view
     limit = buckets[best].limit
-    return Decision(True, best_view[0], 0.0, best_view[1], best_view[2], limit), tuple(new_tats)
+    return (True, best_view[0], 0.0, best_view[1], best_view[2], limit, None), tuple(new_tats)
 
 
 def take_one(
     bucket: Bucket, state: State | None, now: int, cost: int, take: bool = True
-) -> tuple[Decision, State | None, int]:
-    """:func:`decide` for one limit (the common case), plus when the new state is spent.
+) -> tuple[DecisionFields, State | None, int]:
+    """:func:`decide_fields` for one limit (the common case), plus when the new state is spent.
 
-    Returns the decision, the new state (None if refused) and, if allowed, the first whole
-    nanosecond at which the bucket is full again (:func:`full_at` of the new state), else 0.
-    One call with no lists: the in-memory limiter's whole arithmetic per request. O(1).
-    Replacing decide() -> _decide_one() -> Bucket.view() with it, the Decision built
-    directly, took acquire from 36.5 k to 31.3 k instructions (callgrind, CPython 3.11);
-    0.75 k of that came from a copy of view() written out here, since dropped so that
-    view() stays the one definition.
+    Returns the decision's fields, the new state (None if refused) and, if allowed, the first
+    whole nanosecond at which the bucket is full again (:func:`full_at` of the new state),
+    else 0. One call with no lists: the in-memory limiter's whole arithmetic per request.
+    O(1). Replacing decide() -> _decide_one() -> Bucket.view() with it took acquire from
+    36.5 k to 31.3 k instructions (callgrind, CPython 3.11); 0.75 k of that came from a copy
+    of view() written out here, since dropped so that view() stays the one definition.
     """
     scale = bucket.scale
     # Most rates give whole nanoseconds per token (scale 1). Compiled, a product with a factor
     # past 2**30 leaves mypyc's fast integer path, so it is skipped when there is nothing to do.
     scaled_now = now if scale == 1 else now * scale
     tat = scaled_now if state is None or state[0] < scaled_now else state[0]
-    new_tat = tat + cost * bucket.interval
+    # A cost of 1 needs no product: compiled, an interval past 2**30 units (a token a
+    # second or slower) makes one a long multiplication (300 instructions).
+    new_tat = tat + (bucket.interval if cost == 1 else cost * bucket.interval)
     wait = new_tat - bucket.tolerance - scaled_now
     if wait > 0:
         remaining, reset_after, refill_after = bucket.view(scaled_now, tat)
-        decision = _new_tuple(
-            _DECISION,
-            (
-                False,
-                remaining,
-                wait / bucket.per_second,
-                reset_after,
-                refill_after,
-                bucket.limit,
-                None,
-            ),
-        )
-        return decision, None, 0
+        retry_after = wait / bucket.per_second
+        refused = (False, remaining, retry_after, reset_after, refill_after, bucket.limit, None)
+        return refused, None, 0
     remaining, reset_after, refill_after = bucket.view(scaled_now, new_tat if take else tat)
-    decision = _new_tuple(
-        _DECISION, (True, remaining, 0.0, reset_after, refill_after, bucket.limit, None)
-    )
+    fields = (True, remaining, 0.0, reset_after, refill_after, bucket.limit, None)
     # Full once now * scale >= new_tat: the ceiling, never before now since new_tat > now.
-    return decision, (new_tat,), -(-new_tat // scale)
+    return fields, (new_tat,), -(-new_tat // scale)
 
 
 def full_at(buckets: tuple[Bucket, ...], state: State, now: int) -> int:

@@ -85,10 +85,12 @@ class MiddlewareCore:
         self._shared = shared
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        # Read as a dict (see client_host in ttlstore._ratelimit_run); passed on as given.
+        request = scope if type(scope) is dict else dict(scope)
+        if request["type"] != "http":
             await self.app(scope, receive, send)
             return
-        fingerprinter = self._fingerprints.get(scope["method"])
+        fingerprinter = self._fingerprints.get(request["method"])
         if fingerprinter is None:
             await self.app(scope, receive, send)
             return
@@ -99,7 +101,7 @@ class MiddlewareCore:
         # with mypyc's own TypeError where the interpreted one takes it.
         raw: Any = None
         declared: Any = None
-        for name, value in scope["headers"]:
+        for name, value in request["headers"]:
             if name == wanted:
                 # Several lines combine with ", " (RFC 9110), which no key survives.
                 raw = value if raw is None else raw + b", " + value
@@ -129,8 +131,9 @@ class MiddlewareCore:
             ):
                 raise BodyTooLarge
             message = await receive()
-            if message["type"] == "http.request" and not message.get("more_body", False):
-                chunk: Any = message.get("body", b"")  # the usual one-message body
+            first = message if type(message) is dict else dict(message)
+            if first["type"] == "http.request" and not first.get("more_body", False):
+                chunk: Any = first.get("body", b"")  # the usual one-message body
                 if len(chunk) > limit:
                     raise BodyTooLarge
                 body: bytes | None = chunk if type(chunk) is bytes else bytes(chunk)
@@ -147,8 +150,8 @@ class MiddlewareCore:
         else:
             lookup = f"{_NAMESPACE}\x00{self._tenant(scope)}\x00{key}"
         print_ = fingerprinter(
-            scope.get("raw_path") or scope["path"].encode("utf-8"),
-            scope.get("query_string", b""),
+            request.get("raw_path") or request["path"].encode("utf-8"),
+            request.get("query_string", b""),
             body,
         )
         shared = self._shared

@@ -18,7 +18,7 @@ from typing import Any, Final, TypeAlias
 from ttlstore._idem_api import BUSY, MISMATCH, InProgress, Outcome, Replay, Started
 from ttlstore._mypyc import mypyc_attr
 from ttlstore._steps import read
-from ttlstore._writes import write
+from ttlstore._writes import acquire_lock, release_lock, write
 from ttlstore.records import StoredResponse
 from ttlstore.store import StoreStats, TTLStore
 
@@ -50,11 +50,8 @@ _STARTED: Final = Started
 _REPLAY: Final = Replay
 _STORED_RESPONSE: Final = StoredResponse
 
-# The store's lock (always a threading.Lock) taken through its type's methods, the lock
-# passed first: compiled, lock.acquire() is looked up by name on every call.
-_LOCK_TYPE: Final = type(threading.Lock())
-_acquire: Final = _LOCK_TYPE.acquire
-_release: Final = _LOCK_TYPE.release
+# The store's lock (always a threading.Lock) is taken through its type's methods, the lock
+# passed first (_writes.acquire_lock): compiled, lock.acquire() is looked up by name.
 
 _set_token: Final = Started.__dict__["token"].__set__
 _set_result: Final = Replay.__dict__["result"].__set__
@@ -228,7 +225,7 @@ class IdempotencyCore:
             raise TypeError(f"fingerprint must be a str, got {fingerprint!r}")
         lock = self._lock
         if lock is not None:
-            _acquire(lock)
+            acquire_lock(lock)
         try:
             # read(): TTLStore.get's body, called natively (the method is looked up by name).
             record = read(self._records, key, None)
@@ -271,7 +268,7 @@ class IdempotencyCore:
             return started
         finally:
             if lock is not None:
-                _release(lock)
+                release_lock(lock)
 
     def complete(self, key: Any, token: Any, result: Any) -> bool:
         """Store ``result`` for ``key`` (for ``ttl``) and end the claim. O(1) amortized.
@@ -282,7 +279,7 @@ class IdempotencyCore:
         # Also the body of release() (result ABSENT): the hot call pays no second frame.
         lock = self._lock
         if lock is not None:
-            _acquire(lock)
+            acquire_lock(lock)
         try:
             data = self._claims.data
             claim = data.get(key)
@@ -308,4 +305,4 @@ class IdempotencyCore:
             return True
         finally:
             if lock is not None:
-                _release(lock)
+                release_lock(lock)

@@ -167,17 +167,19 @@ class Run:
         Not a coroutine function: it answers the server's own awaitable, so each message
         passes through one coroutine less (an ASGI ``send`` need only return an awaitable).
         """
-        kind = message["type"]
+        # Read as a dict (see client_host in ttlstore._ratelimit_run); forwarded as given.
+        sent = message if type(message) is dict else dict(message)
+        kind = sent["type"]
         if kind == "http.response.body":
             chunks = self.chunks
             if chunks is not None:
-                chunk = message.get("body", b"")
+                chunk = sent.get("body", b"")
                 self.size += len(chunk)
                 if self.size > self.shared.limit:
                     self.chunks = None
                 else:
                     chunks.append(chunk if type(chunk) is bytes else bytes(chunk))
-            if not message.get("more_body", False) and not self.settled:
+            if not sent.get("more_body", False) and not self.settled:
                 # Store before the last chunk leaves: a client that disconnects now and
                 # retries gets the replay, not a second execution.
                 pending = self.settle(True)
@@ -185,10 +187,10 @@ class Run:
                     return self._send_after(pending, message)
         elif kind == "http.response.start":
             # Written out rather than a method: one call less on every first request.
-            self.status = status = int(message["status"])
+            self.status = status = int(sent["status"])
             shared = self.shared
             header_sets = shared.header_sets
-            given = message.get("headers", ())
+            given = sent.get("headers", ())
             known: tuple[tuple[tuple[bytes, bytes], ...], int] | None
             try:
                 seen = tuple(given)
@@ -221,11 +223,7 @@ class Run:
             self.headers, size = known
             # Headers count against the limit too: a record's size is what it holds.
             self.size = size
-            if (
-                status not in shared.statuses
-                or message.get("trailers", False)
-                or size > shared.limit
-            ):
+            if status not in shared.statuses or sent.get("trailers", False) or size > shared.limit:
                 self.chunks = None
         else:
             self.chunks = None
