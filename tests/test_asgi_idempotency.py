@@ -794,6 +794,50 @@ async def test_each_record_holds_its_own_responses_headers_when_an_app_reuses_it
         assert (b"idempotent-replayed", b"true") in start["headers"]
 
 
+class CountingStore(IdempotencyStore):
+    """An in-memory store whose methods count their calls (a subclass overriding them)."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def begin(self, key: str, fingerprint: str) -> Outcome[Any]:
+        self.calls.append("begin")
+        return super().begin(key, fingerprint)
+
+    def complete(self, key: str, token: str, result: Any) -> bool:
+        self.calls.append("complete")
+        return super().complete(key, token, result)
+
+    def release(self, key: str, token: str) -> bool:
+        self.calls.append("release")
+        return super().release(key, token)
+
+
+async def test_a_store_that_overrides_its_methods_is_called_through_them(
+    app: CountingApp,
+) -> None:
+    """The middleware calls an in-memory store's core natively only when begin, complete and
+    release are the store's own: overridden, they are what the middleware calls, and what
+    either way stores answers the same replays."""
+    store = CountingStore()
+    async with client_for(IdempotencyMiddleware(app, store)) as client:
+        first = await client.post("/orders", content=b"x", headers={KEY: "a"})
+        again = await client.post("/orders", content=b"x", headers={KEY: "a"})
+        with pytest.raises(RuntimeError, match="handler failed"):
+            await client.post("/boom", content=b"x", headers={KEY: "b"})
+    assert store.calls == ["begin", "complete", "begin", "begin", "release"]
+    assert again.content == first.content and again.headers["idempotent-replayed"] == "true"
+    assert isinstance(store.begin("asgi\x00\x00b", "any"), Started)  # released
+    # The record the overriding path stored reads back as one the native path stores.
+    plain = IdempotencyStore()
+    async with client_for(IdempotencyMiddleware(CountingApp(), plain)) as client:
+        await client.post("/orders", content=b"x", headers={KEY: "a"})
+    assert plain.stores[0].peek("asgi\x00\x00a")[1:] == store.stores[0].peek("asgi\x00\x00a")[1:]
+
+
 async def test_a_stored_response_holds_no_header_objects_of_its_own() -> None:
     # Objects allocated per stored record, everything counted (tracked or not): the lookup
     # key, the store's entry, the record, the fingerprint, and what the store's bookkeeping

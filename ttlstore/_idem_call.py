@@ -14,6 +14,7 @@ from typing import Any, Final
 
 from ttlstore._asgi_base import ASGIApp, Receive, Scope, Send, send_problem
 from ttlstore._idem_api import Busy, InProgress, Mismatch, Outcome, Replay, Started
+from ttlstore._idem_core import claim
 from ttlstore._idem_read import MAX_KEY_LENGTH, Fingerprinter, plain_key
 from ttlstore._idem_run import BodyTooLarge, Run, Shared, read_body
 from ttlstore._mypyc import mypyc_attr
@@ -159,8 +160,11 @@ class MiddlewareCore:
         # cast (with mypyc's) by the compiled build.
         outcome: Any
         try:
+            core = shared.core
             store = shared.sync_store
-            if store is not None:
+            if core is not None:
+                outcome = claim(core, lookup, print_)  # a replay is the record: see below
+            elif store is not None:
                 outcome = store.begin(lookup, print_)
             else:
                 outcome = await shared.async_store.begin(lookup, print_)
@@ -183,22 +187,27 @@ class MiddlewareCore:
                     pending = run.settle(False)
                     if pending is not None:
                         await pending
+            return
+        # A replay: from claim(), the record itself, (fingerprint, status, headers, body) for
+        # a stored response (IdempotencyCore.complete flattens it); else a Replay.
+        response: tuple[Any, Any, Any]
+        if type(outcome) is tuple:
+            response = outcome[1:] if len(outcome) == 4 else _check_stored(outcome[1])
         elif isinstance(outcome, _REPLAY):
             result: object = outcome.result
             response = result if type(result) is _STORED_RESPONSE else _check_stored(result)
-            body = response.body
-            headers = [*response.headers, _REPLAYED]
-            for name, _ in response.headers:
-                if name == b"content-length" or name.lower() == b"content-length":
-                    break
-            else:
-                headers.append((b"content-length", b"%d" % len(body)))
-            await send(
-                {"type": "http.response.start", "status": response.status, "headers": headers}
-            )
-            await send({"type": "http.response.body", "body": body, "more_body": False})
         else:
             await self._answer(send, lookup, outcome)
+            return
+        status, stored, body = response
+        headers = [*stored, _REPLAYED]
+        for name, _ in stored:
+            if name == b"content-length" or name.lower() == b"content-length":
+                break
+        else:
+            headers.append((b"content-length", b"%d" % len(body)))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def _answer(self, send: Send, lookup: str, outcome: Outcome[Any]) -> None:
         """Every outcome but ``Started`` and ``Replay``: a problem response."""

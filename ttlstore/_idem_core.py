@@ -22,7 +22,7 @@ from ttlstore._writes import acquire_lock, release_lock, write
 from ttlstore.records import StoredResponse
 from ttlstore.store import StoreStats, TTLStore
 
-__all__ = ["ABSENT", "ClaimTable", "IdempotencyCore", "Record"]
+__all__ = ["ABSENT", "ClaimTable", "IdempotencyCore", "Record", "claim", "end_claim"]
 
 # A record is ``(fingerprint, result)``, or ``(fingerprint, status, headers, body)`` for a
 # StoredResponse; a claim is ``(fingerprint, token, deadline)``. Exact tuples of strings, bytes
@@ -223,52 +223,15 @@ class IdempotencyCore:
             raise TypeError(f"key must be a str, got {key!r}")
         if type(fingerprint) is not str and not isinstance(fingerprint, str):
             raise TypeError(f"fingerprint must be a str, got {fingerprint!r}")
-        lock = self._lock
-        if lock is not None:
-            acquire_lock(lock)
-        try:
-            # read(): TTLStore.get's body, called natively (the method is looked up by name).
-            record = read(self._records, key, None)
-            if record is not None:
-                if record[0] != fingerprint:
-                    self._mismatches += 1
-                    return MISMATCH
-                self._replays += 1
-                replay: Replay[Any] = _new(_REPLAY)
-                if len(record) == 4:  # a flattened StoredResponse, see complete()
-                    _set_result(replay, _as_response(_STORED_RESPONSE, record[1:]))
-                else:
-                    _set_result(replay, record[1])
-                return replay
-            claims = self._claims
-            data = claims.data
-            now = self._clock()
-            claim = data.get(key)
-            if claim is not None:
-                if claim[2] > now:
-                    if claim[0] != fingerprint:
-                        self._mismatches += 1
-                        return MISMATCH
-                    self._conflicts += 1
-                    return InProgress(claim[2] - now)
-                claims.drop(key)  # its lease ran out: the key is free again
-            # Checked here rather than by making room: a running claim is never dropped.
-            if len(data) >= claims.maxsize and claims.full(now):
-                self._busy += 1
-                return BUSY
-            tokens = self._tokens
-            if not tokens:
-                pool = secrets.token_hex(16 * _TOKEN_BATCH)
-                tokens += [pool[i : i + 32] for i in range(0, len(pool), 32)]
-            token = tokens.pop()
-            data[key] = (fingerprint, token, now + claims.lease)
-            self._claims_started += 1
-            started: Started = _new(_STARTED)
-            _set_token(started, token)
-            return started
-        finally:
-            if lock is not None:
-                release_lock(lock)
+        outcome = claim(self, key, fingerprint)
+        if type(outcome) is not tuple:
+            return outcome  # type: ignore[no-any-return]
+        replay: Replay[Any] = _new(_REPLAY)
+        if len(outcome) == 4:  # a flattened StoredResponse, see end_claim()
+            _set_result(replay, _as_response(_STORED_RESPONSE, outcome[1:]))
+        else:
+            _set_result(replay, outcome[1])
+        return replay
 
     def complete(self, key: Any, token: Any, result: Any) -> bool:
         """Store ``result`` for ``key`` (for ``ttl``) and end the claim. O(1) amortized.
@@ -276,33 +239,100 @@ class IdempotencyCore:
         Returns False, storing nothing, if ``token`` no longer owns ``key`` (its lease ran out,
         it was completed or released already, or it never did).
         """
-        # Also the body of release() (result ABSENT): the hot call pays no second frame.
-        lock = self._lock
+        return end_claim(self, key, token, result, type(result) is _STORED_RESPONSE)
+
+    def release(self, key: Any, token: Any) -> bool:
+        """End the claim on ``key`` without storing anything, so a retry runs again. O(1).
+
+        Returns False if ``token`` no longer owns ``key``.
+        """
+        return end_claim(self, key, token, ABSENT, False)
+
+
+def claim(self: IdempotencyCore, key: str, fingerprint: str) -> Any:
+    """:meth:`IdempotencyCore.begin` for arguments known to be strings, a replay answered
+    with the stored record itself (a tuple, see :func:`end_claim`) rather than a ``Replay``.
+
+    The idempotency middleware's call: native, where the method is looked up by name and
+    parses its arguments, and no ``Replay`` and ``StoredResponse`` built for a replay the
+    middleware unpacks at once. O(1) amortized.
+    """
+    lock = self._lock
+    if lock is not None:
+        acquire_lock(lock)
+    try:
+        # read(): TTLStore.get's body, called natively (the method is looked up by name).
+        record = read(self._records, key, None)
+        if record is not None:
+            if record[0] != fingerprint:
+                self._mismatches += 1
+                return MISMATCH
+            self._replays += 1
+            return record
+        claims = self._claims
+        data = claims.data
+        now = self._clock()
+        running = data.get(key)
+        if running is not None:
+            if running[2] > now:
+                if running[0] != fingerprint:
+                    self._mismatches += 1
+                    return MISMATCH
+                self._conflicts += 1
+                return InProgress(running[2] - now)
+            claims.drop(key)  # its lease ran out: the key is free again
+        # Checked here rather than by making room: a running claim is never dropped.
+        if len(data) >= claims.maxsize and claims.full(now):
+            self._busy += 1
+            return BUSY
+        tokens = self._tokens
+        if not tokens:
+            pool = secrets.token_hex(16 * _TOKEN_BATCH)
+            tokens += [pool[i : i + 32] for i in range(0, len(pool), 32)]
+        token = tokens.pop()
+        data[key] = (fingerprint, token, now + claims.lease)
+        self._claims_started += 1
+        started: Started = _new(_STARTED)
+        _set_token(started, token)
+        return started
+    finally:
         if lock is not None:
-            acquire_lock(lock)
-        try:
-            data = self._claims.data
-            claim = data.get(key)
-            if claim is None or claim[1] != token or claim[2] <= self._clock():
-                self._stale += 1
-                return False
-            del data[key]
-            if result is ABSENT:
-                self._releases += 1
-                return True
-            # A StoredResponse (a tuple) flattens into the record: one object for the GC less.
-            if type(result) is _STORED_RESPONSE:
-                # Concatenated: unpacked into a display, a tuple subclass goes through a list
-                # and the iterator protocol (1.6 k instructions more compiled, callgrind;
-                # 132 ns against 61 interpreted, timeit).
-                record: Record = (claim[0],) + result  # noqa: RUF005
-            else:
-                record = (claim[0], result)
-            # write(): TTLStore.__setitem__'s body, called natively (and without an interpreted
-            # frame: the method is looked up by name, or is a frame of its own, interpreted).
-            write(self._records, key, record, self._records_ttl, 0.0, False)
-            self._completions += 1
+            release_lock(lock)
+
+
+def end_claim(self: IdempotencyCore, key: Any, token: Any, result: Any, flat: bool) -> bool:
+    """End ``token``'s claim on ``key``, storing ``result`` unless it is :data:`ABSENT`.
+
+    The body of ``complete`` and ``release``, and the idempotency middleware's call (native,
+    see :func:`claim`). With ``flat``, ``result`` is a response's (status, headers, body), a
+    StoredResponse or the plain tuple of its fields, flattened into the record: one object
+    for the GC less per record. O(1) amortized.
+    """
+    lock = self._lock
+    if lock is not None:
+        acquire_lock(lock)
+    try:
+        data = self._claims.data
+        held = data.get(key)
+        if held is None or held[1] != token or held[2] <= self._clock():
+            self._stale += 1
+            return False
+        del data[key]
+        if result is ABSENT:
+            self._releases += 1
             return True
-        finally:
-            if lock is not None:
-                release_lock(lock)
+        if flat:
+            # Concatenated: unpacked into a display, a tuple subclass goes through a list
+            # and the iterator protocol (1.6 k instructions more compiled, callgrind;
+            # 132 ns against 61 interpreted, timeit).
+            record: Record = (held[0],) + result  # noqa: RUF005
+        else:
+            record = (held[0], result)
+        # write(): TTLStore.__setitem__'s body, called natively (and without an interpreted
+        # frame: the method is looked up by name, or is a frame of its own, interpreted).
+        write(self._records, key, record, self._records_ttl, 0.0, False)
+        self._completions += 1
+        return True
+    finally:
+        if lock is not None:
+            release_lock(lock)

@@ -18,9 +18,10 @@ from ttlstore._idem_api import (
     as_async_backend,
     is_async_backend,
 )
+from ttlstore._idem_core import ABSENT, IdempotencyCore, end_claim
 from ttlstore.records import StoredResponse
 
-__all__ = ["BodyTooLarge", "Run", "Shared", "read_body"]
+__all__ = ["BodyTooLarge", "Run", "Shared", "own_core", "read_body"]
 
 # Distinct header tuples a middleware shares between its stored responses.
 _HEADER_SETS: Final = 256
@@ -58,12 +59,31 @@ async def read_body(receive: Receive, message: Message, limit: int) -> bytes | N
         message = await receive()
 
 
+def own_core(store: object) -> IdempotencyCore | None:
+    """``store`` if it is an in-memory store whose ``begin``, ``complete`` and ``release`` are
+    the core's own (none overridden, in a subclass or on the instance), else None.
+
+    The middleware calls such a store through :func:`~ttlstore._idem_core.claim` and
+    :func:`~ttlstore._idem_core.end_claim`, natively and without the outcome objects; any
+    other store through its methods. O(1).
+    """
+    if not isinstance(store, IdempotencyCore):
+        return None
+    kind = type(store)
+    own = vars(store) if hasattr(store, "__dict__") else {}
+    for name in ("begin", "complete", "release"):
+        if getattr(kind, name) is not getattr(IdempotencyCore, name) or name in own:
+            return None
+    return store
+
+
 class Shared:
     """What every run of one middleware shares: the store (sync, or async), the response
     limit, the statuses to store, the keys running now, and the fault logs."""
 
     __slots__ = (
         "async_store",
+        "core",
         "faults",
         "header_sets",
         "last_headers",
@@ -86,6 +106,7 @@ class Shared:
             None if is_async_backend(store, "store") else cast("IdempotencyBackend[Any]", store)
         )
         self.async_store = as_async_backend(store, name="store")
+        self.core = own_core(store)
         self.limit = limit
         self.statuses = statuses
         # Lookup key -> token of every request this middleware is running now: a 409 for one
@@ -240,19 +261,32 @@ class Run:
         the response is the app's and goes out regardless, and the lease ends the claim."""
         self.settled = True
         chunks = self.chunks
-        response: StoredResponse | None = (
-            _as_response(_STORED_RESPONSE, (self.status, self.headers, b"".join(chunks)))
+        fields = (
+            (self.status, self.headers, b"".join(chunks))
             if keep and chunks is not None and self.status
             else None
         )
         shared = self.shared
+        core = shared.core
         store = shared.sync_store
-        if store is None:
-            return self._settle_async(response)
         try:
-            if response is None:
-                store.release(self.lookup, self.token)
-            elif not store.complete(self.lookup, self.token, response):
+            if core is not None:
+                # Native, and the fields flattened into the record as a StoredResponse's are:
+                # none is built (see own_core).
+                kept: Any = ABSENT if fields is None else fields
+                done = end_claim(core, self.lookup, self.token, kept, fields is not None)
+            elif store is not None:
+                done = (
+                    store.release(self.lookup, self.token)
+                    if fields is None
+                    else store.complete(
+                        self.lookup, self.token, _as_response(_STORED_RESPONSE, fields)
+                    )
+                )
+            else:
+                response = None if fields is None else _as_response(_STORED_RESPONSE, fields)
+                return self._settle_async(response)
+            if fields is not None and not done:
                 shared.late_claim(self.lookup)
         except Exception as error:
             shared.failed(error, "to end a claim")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ttlstore._checks import positive_int, positive_seconds, ttl_or_none
 from ttlstore._idem_api import Outcome
-from ttlstore._idem_core import ABSENT, ClaimTable, IdempotencyCore, Record
+from ttlstore._idem_core import ClaimTable, IdempotencyCore, Record
 from ttlstore._idem_tables import TableView
 from ttlstore.store import TTLStore
 
@@ -108,12 +108,9 @@ class IdempotencyStore(IdempotencyCore):
             """Store ``result`` for ``key`` (for ``ttl``) and end the claim."""
             ...
 
-    def release(self, key: str, token: str) -> bool:
-        """End the claim on ``key`` without storing anything, so a retry runs again. O(1).
-
-        Returns False if ``token`` no longer owns ``key``.
-        """
-        return self.complete(key, token, ABSENT)
+        def release(self, key: str, token: str) -> bool:
+            """End the claim on ``key`` without storing anything, so a retry runs again."""
+            ...
 
     @property
     def stores(self) -> tuple[TableView, TableView]:
