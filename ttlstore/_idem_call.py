@@ -163,7 +163,7 @@ class MiddlewareCore:
             core = shared.core
             store = shared.sync_store
             if core is not None:
-                outcome = claim(core, lookup, print_)  # a replay is the record: see below
+                outcome = claim(core, lookup, print_)  # a token, a record, or an Outcome
             elif store is not None:
                 outcome = store.begin(lookup, print_)
             else:
@@ -172,9 +172,13 @@ class MiddlewareCore:
             shared.failed(error, "on begin()")
             await send_problem(send, 503, "Idempotency store unavailable", headers=[_RETRY_AFTER])
             return
-        if type(outcome) is _STARTED or isinstance(outcome, _STARTED):
-            # Inline rather than a call: one coroutine less on every first request.
+        token: Any = None
+        if type(outcome) is str:
+            token = outcome  # a claim's token, from claim(), which builds no Started
+        elif isinstance(outcome, _STARTED):
             token = outcome.token
+        if token is not None:
+            # Inline rather than a call: one coroutine less on every first request.
             run = Run(shared, lookup, token, body, receive, send)
             running = shared.running
             running[lookup] = token

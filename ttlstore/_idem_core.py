@@ -224,6 +224,10 @@ class IdempotencyCore:
         if type(fingerprint) is not str and not isinstance(fingerprint, str):
             raise TypeError(f"fingerprint must be a str, got {fingerprint!r}")
         outcome = claim(self, key, fingerprint)
+        if type(outcome) is str:
+            started: Started = _new(_STARTED)
+            _set_token(started, outcome)
+            return started
         if type(outcome) is not tuple:
             return outcome  # type: ignore[no-any-return]
         replay: Replay[Any] = _new(_REPLAY)
@@ -250,12 +254,13 @@ class IdempotencyCore:
 
 
 def claim(self: IdempotencyCore, key: str, fingerprint: str) -> Any:
-    """:meth:`IdempotencyCore.begin` for arguments known to be strings, a replay answered
-    with the stored record itself (a tuple, see :func:`end_claim`) rather than a ``Replay``.
+    """:meth:`IdempotencyCore.begin` for arguments known to be strings, a claim answered
+    with its token (a str) rather than a ``Started``, and a replay with the stored record
+    itself (a tuple, see :func:`end_claim`) rather than a ``Replay``.
 
     The idempotency middleware's call: native, where the method is looked up by name and
-    parses its arguments, and no ``Replay`` and ``StoredResponse`` built for a replay the
-    middleware unpacks at once. O(1) amortized.
+    parses its arguments, and none of the objects built that the middleware would unpack at
+    once. O(1) amortized.
     """
     lock = self._lock
     if lock is not None:
@@ -292,9 +297,7 @@ def claim(self: IdempotencyCore, key: str, fingerprint: str) -> Any:
         token = tokens.pop()
         data[key] = (fingerprint, token, now + claims.lease)
         self._claims_started += 1
-        started: Started = _new(_STARTED)
-        _set_token(started, token)
-        return started
+        return token
     finally:
         if lock is not None:
             release_lock(lock)
