@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from ttlstore._gcra import (
     NS,
@@ -23,7 +23,6 @@ from ttlstore._gcra import (
     State,
     check_cost,
     decide_fields,
-    decision_of,
     full_at,
     take_one,
 )
@@ -44,6 +43,11 @@ __all__ = [
 ]
 
 Step = Callable[[Slot[Hashable, State | None]], DecisionFields]
+
+# A Decision from its fields through tuple.__new__, as ttlstore._gcra builds one (see there):
+# no helper function, which would cost the pure build a frame per acquire.
+_DECISION: Final = Decision
+_new_decision: Final = cast(Callable[[type[Decision], DecisionFields], Decision], tuple.__new__)
 
 
 class Tally:
@@ -162,7 +166,7 @@ class LimiterCore:
         step = self._steps.get(cost)
         if step is None:
             step = self._step_for(cost)
-        return decision_of(locked_compute(self._store, key, step))
+        return _new_decision(_DECISION, locked_compute(self._store, key, step))
 
     def _step_for(self, cost: int) -> Step:
         """The compute() function deciding a request of ``cost``; kept per cost, so that an

@@ -56,7 +56,6 @@ __all__ = [
     "check_timeout",
     "decide",
     "decide_fields",
-    "decision_of",
     "exact",
     "full_at",
     "limits_from",
@@ -80,11 +79,6 @@ the rate-limit middleware reads without the named tuple being built (see
 # Decision as a Final: compiled, a C static rather than a lookup in the module's globals.
 _DECISION: Final = Decision
 _new_tuple: Final = cast(Callable[[type[Decision], DecisionFields], Decision], tuple.__new__)
-
-
-def decision_of(fields: DecisionFields) -> Decision:
-    """The :class:`Decision` with these fields. O(1)."""
-    return _new_tuple(_DECISION, fields)
 
 
 class Bucket:
