@@ -20,6 +20,7 @@ __all__ = [
     "Receive",
     "Scope",
     "Send",
+    "keeps_methods",
     "problem_body",
     "send_problem",
 ]
@@ -32,6 +33,18 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
 PROBLEM_JSON = b"application/problem+json"
+
+
+def keeps_methods(obj: object, base: type, names: Iterable[str]) -> bool:
+    """Whether ``obj`` is a ``base`` whose methods ``names`` are all ``base``'s own: none
+    overridden, in its class or on the instance. A middleware calls such a limiter or store
+    through its compiled core directly, and any other through its methods. O(len(names)).
+    """
+    if not isinstance(obj, base):
+        return False
+    own = getattr(obj, "__dict__", {})
+    kind = type(obj)
+    return all(getattr(kind, name) is getattr(base, name) and name not in own for name in names)
 
 
 def problem_body(status: int, title: str, detail: str, **extra: Any) -> bytes:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from ttlstore._gcra import (
+    DECISION,
     NS,
     Bucket,
     Decision,
@@ -24,6 +25,7 @@ from ttlstore._gcra import (
     check_cost,
     decide_fields,
     full_at,
+    new_decision,
     take_one,
 )
 from ttlstore._mypyc import mypyc_attr
@@ -43,11 +45,6 @@ __all__ = [
 ]
 
 Step = Callable[[Slot[Hashable, State | None]], DecisionFields]
-
-# A Decision from its fields through tuple.__new__, as ttlstore._gcra builds one (see there):
-# no helper function, which would cost the pure build a frame per acquire.
-_DECISION: Final = Decision
-_new_decision: Final = cast(Callable[[type[Decision], DecisionFields], Decision], tuple.__new__)
 
 
 class Tally:
@@ -166,7 +163,8 @@ class LimiterCore:
         step = self._steps.get(cost)
         if step is None:
             step = self._step_for(cost)
-        return _new_decision(_DECISION, locked_compute(self._store, key, step))
+        # Built here through _gcra's Finals, not a helper: a frame per acquire, interpreted.
+        return new_decision(DECISION, locked_compute(self._store, key, step))
 
     def _step_for(self, cost: int) -> Step:
         """The compute() function deciding a request of ``cost``; kept per cost, so that an

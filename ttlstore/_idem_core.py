@@ -50,9 +50,6 @@ _STARTED: Final = Started
 _REPLAY: Final = Replay
 _STORED_RESPONSE: Final = StoredResponse
 
-# The store's lock (always a threading.Lock) is taken through its type's methods, the lock
-# passed first (_writes.acquire_lock): compiled, lock.acquire() is looked up by name.
-
 _set_token: Final = Started.__dict__["token"].__set__
 _set_result: Final = Replay.__dict__["result"].__set__
 
@@ -173,7 +170,9 @@ class ClaimTable:
 # and the weak-reference slot (mypyc's own is mis-traversed by CPython 3.11's collector).
 @mypyc_attr(allow_interpreted_subclasses=True)
 class IdempotencyCore:
-    """State, ``begin`` and ``complete`` of an IdempotencyStore; see there."""
+    """State, ``begin``, ``complete`` and ``release`` of an IdempotencyStore; see there. Its
+    lock is always a threading.Lock, taken through the type's methods
+    (:data:`ttlstore._writes.acquire_lock`: compiled, ``lock.acquire()`` is a lookup by name)."""
 
     __slots__ = (
         "_busy",

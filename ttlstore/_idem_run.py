@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Coroutine
 from typing import Any, Final, cast
 
-from ttlstore._asgi_base import Message, Receive, Send
+from ttlstore._asgi_base import Message, Receive, Send, keeps_methods
 from ttlstore._errors import BackendUnavailable
 from ttlstore._faults import FaultLog
 from ttlstore._idem_api import (
@@ -67,14 +67,9 @@ def own_core(store: object) -> IdempotencyCore | None:
     :func:`~ttlstore._idem_core.end_claim`, natively and without the outcome objects; any
     other store through its methods. O(1).
     """
-    if not isinstance(store, IdempotencyCore):
-        return None
-    kind = type(store)
-    own = vars(store) if hasattr(store, "__dict__") else {}
-    for name in ("begin", "complete", "release"):
-        if getattr(kind, name) is not getattr(IdempotencyCore, name) or name in own:
-            return None
-    return store
+    if keeps_methods(store, IdempotencyCore, ("begin", "complete", "release")):
+        return cast(IdempotencyCore, store)
+    return None
 
 
 class Shared:

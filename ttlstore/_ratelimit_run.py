@@ -15,7 +15,15 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-from ttlstore._asgi_base import ASGIApp, Message, Receive, Scope, Send, send_problem
+from ttlstore._asgi_base import (
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    keeps_methods,
+    send_problem,
+)
 from ttlstore._bucket_steps import LimiterCore, acquire_fields
 from ttlstore._errors import BackendUnavailable
 from ttlstore._faults import FaultLog
@@ -92,9 +100,7 @@ class RateLimitRun:
         # An in-memory limiter whose acquire is LimiterCore's is called through
         # acquire_fields (no Decision built); one that overrides acquire (in its class or on
         # the instance), through acquire.
-        own = isinstance(limiter, LimiterCore) and type(limiter).acquire is LimiterCore.acquire
-        if own and "acquire" in getattr(limiter, "__dict__", ()):
-            own = False
+        own = keeps_methods(limiter, LimiterCore, ("acquire",))
         self._core: LimiterCore | None = limiter if own else None
         self._faults = FaultLog("RateLimitMiddleware: the limiter failed")
         self._policy_field = policy_field
