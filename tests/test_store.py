@@ -681,6 +681,50 @@ def test_compute_on_a_full_store_reclaims_a_due_entry_before_evicting(clock: Fak
     assert dict(store.items()) == {"live": 2, "new": 3}
 
 
+def test_compute_writing_a_due_key_again_is_a_reclaim_then_a_write(
+    clock: FakeClock, threadsafe: bool
+) -> None:
+    """What a rate limiter does when a client comes back after its bucket refilled. Both
+    modes leave the same: a locked store reuses the due entry in place, an unlocked one
+    reclaims it before fn runs (fn may read that store)."""
+    events, listener = recorder()
+    store = make(clock, threadsafe, on_remove=listener)
+    store["due"] = 1
+    store.set("live", 2, ttl=100)
+    clock.advance(10)
+    seen: list[tuple[bool, int | None]] = []
+
+    def rewrite(slot: Slot[str, int]) -> str:
+        seen.append((slot.found, slot.value))
+        slot.set(3, deadline=slot.now + 4.0)
+        return "rewritten"
+
+    assert store.compute("due", rewrite) == "rewritten"
+    assert seen == [(False, None)]  # fn never sees the due value
+    assert events == [("due", 1, RemovalCause.EXPIRED)]
+    stats = store.stats()
+    assert (stats.hits, stats.misses, stats.writes) == (0, 1, 3)
+    assert (stats.expirations, stats.replacements, stats.size) == (1, 0, 2)
+    assert store["due"] == 3 and store.ttl("due") == 4.0
+    assert list(store) == ["live", "due"]  # the most recent now
+    clock.advance(4)  # the new deadline, not the old one, governs from here
+    assert store.expire() == 1 and list(store) == ["live"]
+    assert events[-1] == ("due", 3, RemovalCause.EXPIRED)
+
+    def broken(slot: Slot[str, int]) -> None:
+        slot.set(5, deadline=slot.now + 4.0)
+        raise RuntimeError("decided badly")
+
+    store.set("again", 4, ttl=1)
+    clock.advance(1)
+    with pytest.raises(RuntimeError, match="decided badly"):
+        store.compute("again", broken)
+    # The read reclaimed the due entry all the same; the write never happened.
+    assert "again" not in store and store.stats().expirations == 3
+    store["next"] = 6  # the callback is delivered with the store's next call
+    assert events[-1] == ("again", 4, RemovalCause.EXPIRED)
+
+
 # ------------------------------------------------------------------------ get_or_set
 
 

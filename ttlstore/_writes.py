@@ -259,8 +259,15 @@ def do_compute(self: StoreCore, key: K, fn: Callable[[Slot[Any, Any]], R]) -> R:
     # medians of 9 interleaved runs; with Slot.set's fast path for a float deadline).
     now = self._clock()
     entry = self._lookup(key)
+    # An entry past its deadline is hidden from fn. In a locked store, where fn cannot reach
+    # the store, it leaves once fn has decided, so that a write of the key again can reuse
+    # it (see below); an unlocked store's fn may read the store, so it leaves now.
+    lapsed: Entry | None = None
     if entry is not None and entry.deadline <= now:
-        drop_expired(self, entry)
+        if self._lock is None:
+            drop_expired(self, entry)
+        else:
+            lapsed = entry
         entry = None
     slot.key = key
     slot.now = now
@@ -277,14 +284,47 @@ def do_compute(self: StoreCore, key: K, fn: Callable[[Slot[Any, Any]], R]) -> R:
     call: Callable[[Any], R] = fn
     try:
         result = call(slot)
+    except BaseException:
+        if lapsed is not None:
+            drop_expired(self, lapsed)
+        raise
     finally:
         plan.busy = False
         # Hold no reference to the value or key once the call is over.
         slot.key = slot.value = None
         slot.found = False
+    op = plan.op
+    if lapsed is not None:
+        deadline = plan.deadline
+        if (
+            op == WRITE
+            and deadline is not None
+            and deadline > now
+            and lapsed.filed is not None
+            and deadline >= lapsed.filed
+            and self._weigher is None
+            and self._data.get(key) is lapsed  # still there (a stand-in lock may let fn in)
+        ):
+            # Expired, then written again: what dropping the entry and filing a new one
+            # would leave (the key most recent, an expiration, a miss, a write), with the
+            # entry and its index item reused, as write()'s in-place replacement does. A
+            # client back after its bucket refilled (most clients of a rate limiter) made
+            # acquire cost 2.2 us against 1.2 us for a live bucket, compiled (timeit).
+            old_value = lapsed.value
+            self._to_end(key)
+            lapsed.value = plan.value
+            plan.value = None
+            lapsed.deadline = deadline
+            lapsed.ttl = deadline - now
+            self._expirations += 1
+            self._misses += 1
+            self._writes += 1
+            if self._on_remove is not None:
+                self._pending.append((key, old_value, EXPIRED))
+            return result
+        drop_expired(self, lapsed)
     # fn returned: weigh what it asked to write (may raise: nothing done yet), count the
     # read, then do what it asked for.
-    op = plan.op
     weight = 0.0
     if op == WRITE and self._weigher is not None:
         weight = weigh(self, key, plan.value)
